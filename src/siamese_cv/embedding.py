@@ -1,0 +1,121 @@
+"""The one batched embedder: training caches, evaluation, the gallery and search all use it.
+
+It always runs the network in eval mode under `inference_mode`, overlaps JPEG decoding (in a
+thread: Pillow releases the GIL) with inference, uses bf16 autocast + channels_last where the
+hardware is fast at it, and returns float32 vectors, L2-normalised unless asked for raw features.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from siamese_cv.data.parquet import iter_batches
+from siamese_cv.hardware import Precision
+from siamese_cv.models.siamese import Preprocessing
+
+
+def to_tensor(images: Sequence[Image.Image], prep: Preprocessing) -> torch.Tensor:
+    """Stack same-size RGB images into a normalised float batch [B, 3, H, W]."""
+    array = np.stack([np.asarray(img.convert("RGB"), dtype=np.uint8) for img in images])
+    batch = torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std).view(1, 3, 1, 1)
+    return batch.sub_(mean).div_(std)
+
+
+def decode_batch(encoded: Sequence[bytes], prep: Preprocessing) -> torch.Tensor:
+    """Decode already-resized image bytes (from data/processed) into a normalised batch."""
+    images = []
+    for data in encoded:
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (prep.image_size, prep.image_size))
+        img = img.convert("RGB")
+        if img.size != (prep.image_size, prep.image_size):
+            img = img.resize((prep.image_size, prep.image_size), Image.Resampling.BICUBIC)
+        images.append(img)
+    return to_tensor(images, prep)
+
+
+class Embedder:
+    """Embeds batches of images with `model` on `precision.device`.
+
+    Args:
+        model: maps [B, 3, H, W] to [B, D]; put in eval mode here, whatever it was.
+        prep: the preprocessing the model was trained with.
+        precision: device, autocast dtype and memory format (see `hardware.resolve_precision`).
+        batch_size: images per forward pass.
+        normalize: L2-normalise the outputs (True for every search/metric use).
+    """
+
+    def __init__(self, model: nn.Module, prep: Preprocessing, precision: Precision,
+                 batch_size: int = 64, normalize: bool = True):
+        self.prep = prep
+        self.precision = precision
+        self.batch_size = batch_size
+        self.normalize = normalize
+        memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+        self.model = model.eval().to(precision.device, memory_format=memory_format)
+
+    @torch.inference_mode()
+    def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
+        """Embed one preprocessed batch; returns float32 [B, D]."""
+        p = self.precision
+        memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
+        batch = batch.to(p.device, non_blocking=True).contiguous(memory_format=memory_format)
+        with p.autocast():
+            out = self.model(batch)
+        out = out.float()
+        if self.normalize:
+            out = torch.nn.functional.normalize(out, dim=1)
+        return out.cpu().numpy()
+
+    def embed_encoded(self, encoded: Iterable[bytes]) -> np.ndarray:
+        """Embed image bytes, decoding the next batch while the current one runs."""
+        return self._run(_chunks(encoded, self.batch_size))
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        chunks = [images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size)]
+        outs = [self.embed_tensor(to_tensor(chunk, self.prep)) for chunk in chunks]
+        return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+    def embed_parquet(self, path: Path) -> np.ndarray:
+        """Embed every image of a processed split, streaming it row group by row group."""
+        def encoded() -> Iterator[bytes]:
+            for batch in iter_batches(path, ["image"], self.batch_size):
+                yield from batch.column(0).to_pylist()
+
+        return self.embed_encoded(encoded())
+
+    def _run(self, chunks: Iterator[list[bytes]]) -> np.ndarray:
+        outs: list[np.ndarray] = []
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for chunk in chunks:
+                future = pool.submit(decode_batch, chunk, self.prep)
+                if pending is not None:
+                    outs.append(self.embed_tensor(pending.result()))
+                pending = future
+            if pending is not None:
+                outs.append(self.embed_tensor(pending.result()))
+        if not outs:
+            raise ValueError("nothing to embed")
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def _chunks(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

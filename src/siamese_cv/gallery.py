@@ -1,0 +1,76 @@
+"""The exported gallery: L2-normalised vectors in parquet plus a card that ties them to one model.
+
+Search refuses a gallery whose model fingerprint differs from the model embedding the query, so a
+retrained model can never be searched against stale vectors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from siamese_cv.errors import UserError
+from siamese_cv.io import atomic_path
+
+EMBEDDINGS = "embeddings.parquet"
+META = "meta.json"
+
+
+@dataclass
+class Gallery:
+    ids: list[str]
+    splits: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+    vectors: np.ndarray  # float32 [n, dim], rows L2-normalised
+    meta: dict[str, Any]
+
+
+def gallery_table(ids, splits, labels, label_names, vectors: np.ndarray) -> pa.Table:
+    dim = vectors.shape[1]
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+    return pa.table({
+        "id": pa.array(ids, pa.string()),
+        "split": pa.array(splits, pa.string()),
+        "label": pa.array(np.asarray(labels, dtype=np.int32)),
+        "label_name": pa.array(label_names, pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+    })
+
+
+def write_gallery(directory: Path, table: pa.Table, meta: dict[str, Any]) -> None:
+    """Write embeddings.parquet and meta.json into `directory`, replacing it atomically."""
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        pq.write_table(table, tmp / EMBEDDINGS, compression="zstd", row_group_size=65536)
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_gallery(directory: str | Path) -> Gallery:
+    """Read a gallery written by the export_gallery stage.
+
+    Raises:
+        UserError: the gallery is missing or unreadable, naming the fix.
+    """
+    directory = Path(directory)
+    path, meta_path = directory / EMBEDDINGS, directory / META
+    if not path.is_file() or not meta_path.is_file():
+        raise UserError(f"{directory}: no gallery there; run `dvc repro export_gallery` (or `dvc pull`)")
+    table = pq.read_table(path)
+    vectors = table.column("vector").combine_chunks()
+    dim = vectors.type.list_size
+    matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    return Gallery(
+        ids=table.column("id").to_pylist(),
+        splits=table.column("split").to_pylist(),
+        labels=table.column("label").to_numpy().astype(np.int64),
+        label_names=table.column("label_name").to_pylist(),
+        vectors=matrix,
+        meta=json.loads(meta_path.read_text(encoding="utf-8")),
+    )

@@ -1,0 +1,100 @@
+"""`siamese-params`: check params.yaml, or apply a profile of overrides to it.
+
+`apply` edits params.yaml in place, keeping its comments, exactly as `dvc exp run -S key=value`
+would: DVC then sees ordinary parameter changes and reruns only the stages they touch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from siamese_cv.errors import ParamsError, UserError, run_cli
+from siamese_cv.params import PARAMS_FILE, load_params
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {text!r}: write it as section.key=value")
+    return key.split("."), yaml.safe_load(value) if value else ""
+
+
+def _flatten(mapping: dict, prefix: tuple[str, ...] = ()) -> list[tuple[list[str], object]]:
+    items = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            items += _flatten(value, (*prefix, key))
+        else:
+            items.append(([*prefix, key], value))
+    return items
+
+
+def apply_overrides(params_path: Path, overrides: list[tuple[list[str], object]]) -> None:
+    """Set each dotted key in params.yaml (comments kept), then validate the result.
+
+    Raises:
+        ParamsError: an override names an unknown key or an invalid value; the file is left as it was.
+    """
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    original = params_path.read_text(encoding="utf-8")
+    data = rt.load(original)
+    for keys, value in overrides:
+        node = data
+        for key in keys[:-1]:
+            if key not in node or not hasattr(node[key], "keys"):
+                raise ParamsError(f"{'.'.join(keys)}: unknown section {key!r}")
+            node = node[key]
+        if keys[-1] not in node:
+            raise ParamsError(f"{'.'.join(keys)}: unknown key; see params.yaml for the known ones")
+        node[keys[-1]] = value
+    from io import StringIO
+
+    buffer = StringIO()
+    rt.dump(data, buffer)
+    params_path.write_text(buffer.getvalue(), encoding="utf-8")
+    try:
+        load_params(params_path)
+    except ParamsError:
+        params_path.write_text(original, encoding="utf-8")
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="siamese-params", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate params.yaml (types, ranges, known keys, paths)")
+    check.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
+    apply = sub.add_parser("apply", help="write a profile's overrides (and --set key=value) into params.yaml")
+    apply.add_argument("profile", type=Path, nargs="?", help="a YAML file of overrides, e.g. profiles/offline.yaml")
+    apply.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    apply.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        load_params(args.params)
+        print(f"{args.params}: ok")
+        return 0
+    overrides = []
+    if args.profile:
+        if not args.profile.is_file():
+            raise UserError(f"{args.profile}: no such profile")
+        overrides += _flatten(yaml.safe_load(args.profile.read_text(encoding="utf-8")) or {})
+    overrides += [_parse_override(text) for text in args.set]
+    apply_overrides(args.params, overrides)
+    print(f"{args.params}: applied {len(overrides)} settings" + (f" from {args.profile}" if args.profile else ""))
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

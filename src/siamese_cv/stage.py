@@ -1,0 +1,23 @@
+"""What every stage script shares: its command line (`--params`) and a one-line error exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from siamese_cv.errors import run_cli
+from siamese_cv.params import PARAMS_FILE, Params, load_params
+
+
+def stage_params(argv: Sequence[str] | None, description: str) -> Params:
+    """Parse a stage's arguments and return its validated parameters."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    return load_params(args.params)
+
+
+def run_stage(main: Callable[[Sequence[str] | None], int | None]) -> None:
+    """Entry point of `stages/<name>.py`: exit with main's status, errors as one line."""
+    sys.exit(run_cli(main))

@@ -1,0 +1,201 @@
+"""The training loop: fixed triplets or P x K batches, images or cached features, best epoch kept.
+
+When the whole backbone is frozen and nothing is augmented, its pooled features never change, so
+they are computed once (by the shared embedder) and only the head trains: seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from siamese_cv.embedding import Embedder
+from siamese_cv.evaluation.metrics import retrieval_metrics, triplet_accuracy
+from siamese_cv.hardware import Precision
+from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
+from siamese_cv.params import TrainParams
+from siamese_cv.training.batches import StepDataset
+from siamese_cv.training.losses import build_loss, build_miner
+
+MONITOR = "val_map_at_r"
+
+
+@dataclass
+class SplitImages:
+    """A split's processed image bytes and integer labels, row-aligned."""
+
+    encoded: list[bytes]
+    labels: np.ndarray
+
+
+@dataclass
+class Schedule:
+    """What each epoch trains on: rows per step, and whether rows are (a..., p..., n...) triplets."""
+
+    epochs: list[list[np.ndarray]]
+    triplets: bool
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    cached_features: bool = False
+
+
+def _triplet_indices(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    base = torch.arange(n, device=device)
+    return base, base + n, base + 2 * n
+
+
+def _lr_lambda(params: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
+    total = max(1, params.epochs * steps_per_epoch)
+    warmup = int(params.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if params.scheduler == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _optimizer(model: EmbeddingNet, params: TrainParams) -> torch.optim.Optimizer:
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    body = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": params.lr}]
+    if body:
+        groups.append({"params": body, "lr": params.backbone_lr or params.lr})
+    if params.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=params.lr, weight_decay=params.weight_decay)
+    if params.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
+    return torch.optim.SGD(groups, lr=params.lr, momentum=0.9, weight_decay=params.weight_decay, nesterov=True)
+
+
+def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: SplitImages,
+        schedule: Schedule, val_triplets: np.ndarray, params: TrainParams, precision: Precision,
+        log: Callable[[dict], None] = lambda row: None, batch_size_eval: int = 64) -> TrainResult:
+    """Train `model` in place and leave it holding the best epoch's weights (by validation MAP@R).
+
+    Args:
+        model: backbone + head, already frozen as `train.freeze` asks.
+        prep: preprocessing of the processed images.
+        train, val: the splits' images and labels.
+        schedule: per-epoch steps from the sample_triplets stage.
+        val_triplets: [n, 3] fixed validation triplets (rows of `val`).
+        params: the `train` section.
+        precision: device and autocast settings.
+        log: called with each epoch's metrics (the stage sends them to DVCLive).
+
+    Returns:
+        Per-epoch history, the best epoch (1-based) and its metrics.
+    """
+    device = precision.device
+    loss_fn = build_loss(params.loss, params.margin).to(device)
+    miner = build_miner(params.miner, params.margin, params.loss)
+    cached = model.backbone_frozen and not params.augment
+    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    train_labels = torch.as_tensor(train.labels, device=device)
+
+    features = None
+    if cached:
+        extractor = Embedder(model.backbone, prep, precision, batch_size_eval, normalize=False)
+        features = torch.from_numpy(extractor.embed_encoded(train.encoded)).to(device)
+        val_features = torch.from_numpy(extractor.embed_encoded(val.encoded)).to(device)
+
+    steps_per_epoch = len(schedule.epochs[0])
+    optimizer = _optimizer(model, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params, steps_per_epoch))
+    scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype == torch.float16)
+    result = TrainResult(cached_features=cached)
+    best_state = None
+    started = time.perf_counter()
+
+    for epoch, steps in enumerate(schedule.epochs[: params.epochs], start=1):
+        model.train()
+        losses = []
+        for images, rows, inverse in _step_source(steps, train, prep, params, epoch, cached):
+            with precision.autocast():
+                if cached:
+                    emb = model.head(features[rows.to(device)])
+                else:
+                    out = model(images.to(device).contiguous(memory_format=memory_format))
+                    emb = out[inverse.to(device)]
+            emb = emb.float()
+            labels = train_labels[rows.to(device)]
+            if schedule.triplets:
+                indices = _triplet_indices(len(rows) // 3, device)
+            else:
+                indices = miner(emb, labels) if miner is not None else None
+            loss = loss_fn(emb, labels, indices)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+
+        if cached:
+            model.eval()
+            with torch.inference_mode(), precision.autocast():
+                val_raw = model.head(val_features).float()
+        else:
+            val_raw = torch.from_numpy(
+                Embedder(model, prep, precision, batch_size_eval, normalize=False).embed_encoded(val.encoded)
+            ).to(device)
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0]}
+        row.update(_validate(val_raw, val.labels, val_triplets, loss_fn))
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        result.history.append(row)
+        log(row)
+        if best_state is None or row[MONITOR] > result.best[MONITOR]:
+            result.best_epoch, result.best = epoch, dict(row)
+            best_state = copy.deepcopy(model.state_dict())
+
+    model.load_state_dict(best_state)
+    model.eval()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _validate(raw: torch.Tensor, labels: np.ndarray, triplets: np.ndarray, loss_fn) -> dict:
+    with torch.no_grad():
+        lab = torch.as_tensor(labels, device=raw.device)
+        idx = tuple(torch.as_tensor(triplets[:, i], device=raw.device) for i in range(3))
+        val_loss = float(loss_fn(raw, lab, idx))
+    emb = torch.nn.functional.normalize(raw, dim=1).cpu().numpy()
+    retrieval = retrieval_metrics(emb, labels, recall_at=(1,))
+    return {
+        "val_loss": val_loss,
+        "val_triplet_accuracy": triplet_accuracy(emb, triplets[:, 0], triplets[:, 1], triplets[:, 2]),
+        "val_precision_at_1": retrieval["precision_at_1"],
+        "val_map_at_r": retrieval["map_at_r"],
+    }
+
+
+def _step_source(steps: list[np.ndarray], train: SplitImages, prep: Preprocessing, params: TrainParams,
+                 epoch: int, cached: bool):
+    """Yield (images or None, rows, inverse) per step; images are decoded in DataLoader workers."""
+    if cached:
+        for rows in steps:
+            yield None, torch.from_numpy(np.asarray(rows, dtype=np.int64)), None
+        return
+    dataset = StepDataset(train.encoded, steps, prep, params.augment, params.seed, epoch)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=params.workers,
+                        persistent_workers=False, prefetch_factor=2 if params.workers else None)
+    for rows, (images, inverse) in zip(steps, loader, strict=True):
+        yield images, torch.from_numpy(np.asarray(rows, dtype=np.int64)), inverse

@@ -1,0 +1,43 @@
+"""Stage `evaluate`: test metrics of the trained model beside the frozen baseline -> metrics/test.json.
+
+Test triplet accuracy is the mean and standard deviation over the fixed draws of sample_triplets;
+retrieval metrics rank the whole test split, and the gallery metrics search the exported gallery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+from siamese_cv import paths
+from siamese_cv.embedding import Embedder
+from siamese_cv.evaluation.scoring import embed_splits, load_test_set, score_embeddings
+from siamese_cv.gallery import load_gallery
+from siamese_cv.hardware import resolve_device, resolve_precision
+from siamese_cv.io import read_json, write_json
+from siamese_cv.models.siamese import Preprocessing, load_checkpoint
+from siamese_cv.stage import run_stage, stage_params
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    params = stage_params(argv, __doc__)
+    model, config = load_checkpoint(paths.MODEL)
+    precision = resolve_precision(params.evaluate.precision, resolve_device("auto"))
+    embedder = Embedder(model, Preprocessing.from_dict(config["preprocessing"]), precision,
+                        params.evaluate.batch_size)
+    test = load_test_set()
+    test_emb, _ = embed_splits(embedder, ["test"])
+    gallery = load_gallery(paths.GALLERY)
+    metrics = score_embeddings(test_emb, test, gallery.vectors, gallery.labels, params.evaluate.recall_at)
+    metrics["baseline"] = read_json(paths.METRICS / "baseline.json")
+    write_json(paths.TEST_METRICS, metrics)
+    base = metrics["baseline"]
+    print(f"evaluate: triplet accuracy {metrics['triplet_accuracy']:.4f} ± {metrics['triplet_accuracy_std']:.4f} "
+          f"(baseline {base['triplet_accuracy']:.4f}), precision@1 {metrics['precision_at_1']:.4f} "
+          f"(baseline {base['precision_at_1']:.4f}), MAP@R {metrics['map_at_r']:.4f} "
+          f"(baseline {base['map_at_r']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,48 @@
+"""Stage `export_gallery`: embed `export.splits` with the trained model into data/gallery/.
+
+embeddings.parquet holds id, split, label, label_name and the L2-normalised float32 vector;
+meta.json holds the model fingerprint, dimension and preprocessing that search checks against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from siamese_cv import paths
+from siamese_cv.data.parquet import read_table
+from siamese_cv.embedding import Embedder
+from siamese_cv.gallery import gallery_table, write_gallery
+from siamese_cv.hardware import resolve_device, resolve_precision
+from siamese_cv.models.siamese import Preprocessing, load_checkpoint
+from siamese_cv.stage import run_stage, stage_params
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    params = stage_params(argv, __doc__)
+    model, config = load_checkpoint(paths.MODEL)
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    precision = resolve_precision(params.export.precision, resolve_device("auto"))
+    embedder = Embedder(model, prep, precision, params.export.batch_size)
+    ids, splits, labels, names, vectors = [], [], [], [], []
+    for split in params.export.splits:
+        path = paths.PROCESSED / f"{split}.parquet"
+        table = read_table(path, ["id", "label", "label_name"])
+        vectors.append(embedder.embed_parquet(path))
+        ids += table.column("id").to_pylist()
+        splits += [split] * table.num_rows
+        labels.append(table.column("label").to_numpy())
+        names += table.column("label_name").to_pylist()
+    matrix = np.concatenate(vectors)
+    meta = {"model_fingerprint": config["fingerprint"], "backbone": config["backbone"], "dim": int(matrix.shape[1]),
+            "count": int(matrix.shape[0]), "splits": list(params.export.splits), "metric": "cosine",
+            "normalized": True, "preprocessing": prep.to_dict(), "precision": precision.name}
+    write_gallery(paths.GALLERY, gallery_table(ids, splits, np.concatenate(labels), names, matrix), meta)
+    print(f"export_gallery: {matrix.shape[0]} vectors of dimension {matrix.shape[1]} "
+          f"({', '.join(params.export.splits)}) -> {paths.GALLERY}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,24 @@
+"""Stage `sample_triplets`: seeded training steps for every epoch, fixed validation and test triplets.
+
+Because the test triplets are drawn here once, from `triplets.seed` alone, every run and every
+experiment is scored on the same triplets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from siamese_cv import paths
+from siamese_cv.data.triplet_tables import write_triplet_tables
+from siamese_cv.stage import run_stage, stage_params
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    params = stage_params(argv, __doc__)
+    summary = write_triplet_tables(paths.PROCESSED, paths.TRIPLETS, params.triplets, params.train.epochs)
+    print("sample_triplets: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from siamese_cv.errors import UserError
+from siamese_cv.models.siamese import build_model, list_heads, load_checkpoint, save_checkpoint
+
+
+def trainable(model):
+    return {n.split(".")[0] for n, p in model.backbone.named_parameters() if p.requires_grad}
+
+
+def test_freeze_counts_stages_like_a_slice():
+    model, _ = build_model("tiny", "seed", 16)
+    assert model.freeze(None) == [] and trainable(model) == {"stem", "stage1", "stage2"}
+    model, _ = build_model("tiny", "seed", 16)
+    model.freeze(-1)
+    assert trainable(model) == {"stage2"}
+    model, _ = build_model("tiny", "seed", 16)
+    model.freeze(10**6)
+    assert model.backbone_frozen and all(p.requires_grad for p in model.head.parameters())
+
+
+def test_frozen_batchnorm_stays_in_eval_mode_while_training():
+    model, _ = build_model("tiny", "seed", 16)
+    model.freeze(-1)
+    model.train()
+    bn_stem, bn_last = model.backbone.stem[1], model.backbone.stage2[1]
+    assert not bn_stem.training and bn_last.training
+    before = bn_stem.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32))
+    assert torch.equal(bn_stem.running_mean, before)
+
+
+def test_seed_head_is_linear_relu():
+    model, _ = build_model("tiny", "seed", 16)
+    assert [type(m).__name__ for m in model.head] == ["Linear", "ReLU"]
+    assert set(list_heads()) >= {"seed", "linear", "mlp", "identity"}
+    with pytest.raises(UserError, match="model.head"):
+        build_model("tiny", "nope", 16)
+
+
+def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):
+    torch.manual_seed(3)
+    model, _ = build_model("tiny", "linear", 8)
+    model.eval()
+    config = {"backbone": "tiny", "head": "linear", "embedding_dim": 8}
+    fingerprint = save_checkpoint(model, config, tmp_path)
+    loaded, saved = load_checkpoint(tmp_path)
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(model(x), loaded(x)) and saved["fingerprint"] == fingerprint
+    assert not loaded.training
+    with pytest.raises(UserError, match="run `dvc repro train`"):
+        load_checkpoint(tmp_path / "missing")
