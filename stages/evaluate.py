@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 
 from siamese_cv import paths
+from siamese_cv.data.parquet import read_table
 from siamese_cv.embedding import Embedder
+from siamese_cv.evaluation.report import write_figures
 from siamese_cv.evaluation.scoring import embed_splits, load_test_set, score_embeddings
 from siamese_cv.gallery import load_gallery
 from siamese_cv.hardware import resolve_device, resolve_precision
@@ -31,12 +33,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = score_embeddings(test_emb, test, gallery.vectors, gallery.labels, params.evaluate.recall_at)
     metrics["baseline"] = read_json(paths.METRICS / "baseline.json")
     write_json(paths.TEST_METRICS, metrics)
+    test_images = read_table(paths.PROCESSED / "test.parquet", ["image"]).column("image").to_pylist()
+    gallery_images = _gallery_images(gallery)
+    write_figures(paths.PLOTS, test_emb, test, test_images, gallery.vectors, gallery_images, gallery.label_names,
+                  top=min(10, params.export.top_k))
     base = metrics["baseline"]
     print(f"evaluate: triplet accuracy {metrics['triplet_accuracy']:.4f} ± {metrics['triplet_accuracy_std']:.4f} "
           f"(baseline {base['triplet_accuracy']:.4f}), precision@1 {metrics['precision_at_1']:.4f} "
           f"(baseline {base['precision_at_1']:.4f}), MAP@R {metrics['map_at_r']:.4f} "
           f"(baseline {base['map_at_r']:.4f})")
     return 0
+
+
+def _gallery_images(gallery) -> list[bytes]:
+    """The processed images of the gallery's rows, in gallery order."""
+    images: dict[str, bytes] = {}
+    for split in dict.fromkeys(gallery.splits):
+        table = read_table(paths.PROCESSED / f"{split}.parquet", ["id", "image"])
+        images.update(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+    return [images[i] for i in gallery.ids]
 
 
 if __name__ == "__main__":

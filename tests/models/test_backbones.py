@@ -18,6 +18,9 @@ def test_every_backbone_returns_pooled_features_and_real_stages(name):
     modules = dict(backbone.module.named_modules())
     assert all(prefix in modules for stage in backbone.stages for prefix in stage)
     assert len(backbone.mean) == len(backbone.std) == 3
+    for n in range(len(backbone.stages) + 1):  # every cut of the chain is the same network
+        prefix, rest = backbone.split(n)
+        assert torch.allclose(rest(prefix(torch.ones(1, 3, 64, 64))), backbone.module(torch.ones(1, 3, 64, 64)), atol=1e-5)
 
 
 def test_unknown_backbone_lists_the_known_ones():

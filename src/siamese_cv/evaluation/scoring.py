@@ -40,18 +40,29 @@ def read_class_names(raw: Path = paths.RAW) -> list[str]:
     return json.loads((raw / "classes.json").read_text(encoding="utf-8"))
 
 
-def score_embeddings(test_emb: np.ndarray, test: TestSet, gallery_emb: np.ndarray,
-                     gallery_labels: np.ndarray, recall_at: list[int]) -> dict[str, Any]:
+def score_embeddings(
+    test_emb: np.ndarray,
+    test: TestSet,
+    gallery_emb: np.ndarray,
+    gallery_labels: np.ndarray,
+    recall_at: list[int],
+) -> dict[str, Any]:
     """All metrics of one model: see the module docstring. Embeddings must be L2-normalised."""
     out: dict[str, Any] = dict(triplet_accuracy_draws(test_emb, test.draws))
-    retrieval = retrieval_metrics(test_emb, test.labels, recall_at=tuple(recall_at), class_names=test.class_names)
+    retrieval = retrieval_metrics(
+        test_emb, test.labels, recall_at=tuple(recall_at), class_names=test.class_names
+    )
     out.update(retrieval)
-    search = gallery_metrics(test_emb, test.labels, gallery_emb, gallery_labels, recall_at=tuple(recall_at))
+    search = gallery_metrics(
+        test_emb, test.labels, gallery_emb, gallery_labels, recall_at=tuple(recall_at)
+    )
     out.update({f"gallery_{k}": v for k, v in search.items()})
     return out
 
 
-def embed_splits(embedder, splits: list[str], processed: Path = paths.PROCESSED) -> tuple[np.ndarray, np.ndarray]:
+def embed_splits(
+    embedder, splits: list[str], processed: Path = paths.PROCESSED
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings and labels of several processed splits, concatenated in order."""
     vectors, labels = [], []
     for split in splits:

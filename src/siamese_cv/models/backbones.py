@@ -29,6 +29,17 @@ class Backbone:
     feature_dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # The forward pass as an ordered list of modules, and where each stage ends in it: lets
+    # training cache the output of a frozen prefix. None where the forward is not a chain.
+    sequence: list[nn.Module] | None = None
+    stage_ends: list[int] | None = None
+
+    def split(self, n_stages: int) -> tuple[nn.Module, nn.Module] | None:
+        """(prefix, rest) with the first `n_stages` stages in the prefix, or None if not a chain."""
+        if self.sequence is None or self.stage_ends is None:
+            return None
+        cut = self.stage_ends[min(n_stages, len(self.stage_ends)) - 1] if n_stages > 0 else 0
+        return nn.Sequential(*self.sequence[:cut]), nn.Sequential(*self.sequence[cut:])
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,9 @@ def _resnet(depth: int) -> Callable[[], Backbone]:
         feature_dim = net.fc.in_features
         net.fc = nn.Identity()
         stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
-        return Backbone(net, stages, feature_dim, IMAGENET_MEAN, IMAGENET_STD)
+        sequence = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                    net.layer4, net.avgpool, nn.Flatten(1)]
+        return Backbone(net, stages, feature_dim, IMAGENET_MEAN, IMAGENET_STD, sequence, [4, 5, 6, 7, 8])
 
     def imagenet() -> dict[str, torch.Tensor]:
         # IMAGENET1K_V1 is what `pretrained=True` gave the original notebook.
@@ -115,7 +128,10 @@ def _efficientnet_lite(variant: int) -> Callable[[], Backbone]:
         net = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=0)
         stages = [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(len(net.blocks))]
         stages.append(["conv_head", "bn2"])
-        return Backbone(net, stages, net.num_features, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        blocks = list(net.blocks)
+        sequence = [net.conv_stem, net.bn1, *blocks, net.conv_head, net.bn2, net.global_pool]
+        ends = [2, *range(3, 3 + len(blocks)), 4 + len(blocks)]
+        return Backbone(net, stages, net.num_features, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), sequence, ends)
 
     def imagenet() -> dict[str, torch.Tensor]:
         import importlib
@@ -194,7 +210,8 @@ def _tiny() -> Backbone:
     net.add_module("stage1", block(8, 16))
     net.add_module("stage2", block(16, 32))
     net.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
-    return Backbone(net, [["stem"], ["stage1"], ["stage2"]], 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return Backbone(net, [["stem"], ["stage1"], ["stage2"]], 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+                    list(net), [1, 2, 3])
 
 
 def load_weights_file(path: Path, backbone: Backbone) -> dict[str, torch.Tensor]:

@@ -90,6 +90,8 @@ class EmbeddingNet(nn.Module):
         self.backbone = backbone.module
         self.head = _HEADS[head](backbone.feature_dim, embedding_dim)
         self.stages = backbone.stages
+        self.frozen_stages = 0
+        self._chain = backbone  # not a submodule: its modules are already registered above
         self.feature_dim = backbone.feature_dim
         self.embedding_dim = backbone.feature_dim if head == "identity" else embedding_dim
 
@@ -105,6 +107,7 @@ class EmbeddingNet(nn.Module):
         if n_stages is None:
             return []
         everything = n_stages >= len(self.stages)
+        self.frozen_stages = len(self.stages[:n_stages]) if not everything else len(self.stages)
         frozen = [p for stage in self.stages[:n_stages] for p in stage]
         prefixes = tuple(p + "." for p in frozen)
         for name, param in self.backbone.named_parameters():
@@ -121,6 +124,16 @@ class EmbeddingNet(nn.Module):
                 if params and not any(p.requires_grad for p in params):
                     module.eval()
         return self
+
+    def split_frozen(self) -> tuple[nn.Module, nn.Module] | None:
+        """(frozen prefix, trainable rest including the head), or None if it cannot be cut."""
+        if self.frozen_stages == 0:
+            return None
+        parts = self._chain.split(self.frozen_stages)
+        if parts is None:
+            return None
+        prefix, rest = parts
+        return prefix, nn.Sequential(rest, self.head)
 
     @property
     def backbone_frozen(self) -> bool:

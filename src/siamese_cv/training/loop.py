@@ -1,7 +1,8 @@
 """The training loop: fixed triplets or P x K batches, images or cached features, best epoch kept.
 
-When the whole backbone is frozen and nothing is augmented, its pooled features never change, so
-they are computed once (by the shared embedder) and only the head trains: seconds on a CPU.
+When the first stages of the backbone are frozen and nothing is augmented, their output never
+changes, so it is computed once (by the shared embedder) and only the rest trains on it. With the
+whole backbone frozen that is the pooled features and only the head trains: seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from siamese_cv.training.batches import StepDataset
 from siamese_cv.training.losses import build_loss, build_miner
 
 MONITOR = "val_map_at_r"
+CACHE_BUDGET_BYTES = 6 * 2**30  # above this, frozen-prefix outputs are recomputed from images
 
 
 @dataclass
@@ -106,16 +108,13 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
     device = precision.device
     loss_fn = build_loss(params.loss, params.margin).to(device)
     miner = build_miner(params.miner, params.margin, params.loss)
-    cached = model.backbone_frozen and not params.augment
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     train_labels = torch.as_tensor(train.labels, device=device)
-
-    features = None
+    cache = None if params.augment else _cache_frozen_prefix(model, prep, precision, train, val, batch_size_eval)
+    cached = cache is not None
     if cached:
-        extractor = Embedder(model.backbone, prep, precision, batch_size_eval, normalize=False)
-        features = torch.from_numpy(extractor.embed_encoded(train.encoded)).to(device)
-        val_features = torch.from_numpy(extractor.embed_encoded(val.encoded)).to(device)
+        trainable, features, val_features = cache
 
     steps_per_epoch = len(schedule.epochs[0])
     optimizer = _optimizer(model, params)
@@ -131,7 +130,8 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
         for images, rows, inverse in _step_source(steps, train, prep, params, epoch, cached):
             with precision.autocast():
                 if cached:
-                    emb = model.head(features[rows.to(device)])
+                    unique, inverse = torch.unique(rows, return_inverse=True)
+                    emb = trainable(_as_input(features[unique.to(device)], memory_format))[inverse.to(device)]
                 else:
                     out = model(images.to(device).contiguous(memory_format=memory_format))
                     emb = out[inverse.to(device)]
@@ -152,7 +152,8 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
         if cached:
             model.eval()
             with torch.inference_mode(), precision.autocast():
-                val_raw = model.head(val_features).float()
+                val_raw = torch.cat([trainable(_as_input(val_features[i : i + batch_size_eval], memory_format)).float()
+                                     for i in range(0, len(val_features), batch_size_eval)])
         else:
             val_raw = torch.from_numpy(
                 Embedder(model, prep, precision, batch_size_eval, normalize=False).embed_encoded(val.encoded)
@@ -170,6 +171,35 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
     model.eval()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _as_input(batch: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    return batch.contiguous(memory_format=memory_format) if batch.dim() == 4 else batch
+
+
+def _cache_frozen_prefix(model: EmbeddingNet, prep: Preprocessing, precision: Precision, train: SplitImages,
+                         val: SplitImages, batch_size: int):
+    """Run the frozen prefix once over both splits: (trainable rest, train outputs, val outputs).
+
+    Returns None when nothing is frozen, the backbone cannot be cut, or the outputs would not fit
+    in `CACHE_BUDGET_BYTES` (then every step recomputes them from the images).
+    """
+    parts = model.split_frozen()
+    if parts is None:
+        return None
+    prefix, trainable = parts
+    with torch.inference_mode():
+        sample = prefix.eval()(torch.zeros(1, 3, prep.image_size, prep.image_size, device=precision.device))
+    keep = torch.bfloat16 if precision.dtype is torch.bfloat16 else torch.float32
+    per_image = sample.numel() * (2 if keep is torch.bfloat16 else 4)
+    if per_image * (len(train.encoded) + len(val.encoded)) > CACHE_BUDGET_BYTES:
+        return None
+    extractor = Embedder(prefix, prep, precision, batch_size, normalize=False)
+
+    def run(split: SplitImages) -> torch.Tensor:
+        return torch.from_numpy(extractor.embed_encoded(split.encoded)).to(precision.device, keep)
+
+    return trainable, run(train), run(val)
 
 
 def _validate(raw: torch.Tensor, labels: np.ndarray, triplets: np.ndarray, loss_fn) -> dict:
