@@ -65,7 +65,7 @@ def load_gallery(directory: str | Path) -> Gallery:
     table = pq.read_table(path)
     vectors = table.column("vector").combine_chunks()
     dim = vectors.type.list_size
-    matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    matrix = np.array(vectors.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
     return Gallery(
         ids=table.column("id").to_pylist(),
         splits=table.column("split").to_pylist(),

@@ -78,6 +78,7 @@ class TrainParams:
     margin: float = _opt(1.0, ge=0.0)
     freeze: str | int = _opt("none", doc="none | all | N: freeze the backbone's first N stages (negative N: all but the last -N)")
     augment: bool = _opt(False)
+    augment_views: int = _opt(4, ge=0, doc="with augment and frozen leading stages: precompute this many augmented views of each image through them (0: augment on the fly)")
     precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = _opt("auto", doc="auto | cpu | cuda | cuda:N")
     workers: int = _opt(2, ge=0)

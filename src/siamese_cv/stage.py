@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from siamese_cv.errors import run_cli
@@ -20,4 +22,8 @@ def stage_params(argv: Sequence[str] | None, description: str) -> Params:
 
 def run_stage(main: Callable[[Sequence[str] | None], int | None]) -> None:
     """Entry point of `stages/<name>.py`: exit with main's status, errors as one line."""
-    sys.exit(run_cli(main))
+    started = time.perf_counter()
+    status = run_cli(main)
+    if status == 0:
+        print(f"{Path(sys.argv[0]).stem}: done in {time.perf_counter() - started:.1f} s")
+    sys.exit(status)

@@ -32,6 +32,18 @@ def augmenter(size: int):
     )
 
 
+def augmented_batches(encoded: Sequence[bytes], prep: Preprocessing, seed: int, view: int,
+                      batch_size: int):
+    """Yield normalised batches of one seeded augmented view of every image, in row order."""
+    transform = augmenter(prep.image_size)
+    for start in range(0, len(encoded), batch_size):
+        images = []
+        for row in range(start, min(start + batch_size, len(encoded))):
+            torch.manual_seed(hash((seed, -1 - view, row)) % 2**63)
+            images.append(transform(Image.open(io.BytesIO(encoded[row])).convert("RGB")))
+        yield to_tensor(images, prep)
+
+
 class StepDataset(Dataset):
     """Item b is (images of the distinct rows in step b, positions of each row among them).
 

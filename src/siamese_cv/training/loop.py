@@ -22,7 +22,7 @@ from siamese_cv.evaluation.metrics import retrieval_metrics, triplet_accuracy
 from siamese_cv.hardware import Precision
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
 from siamese_cv.params import TrainParams
-from siamese_cv.training.batches import StepDataset
+from siamese_cv.training.batches import StepDataset, augmented_batches
 from siamese_cv.training.losses import build_loss, build_miner
 
 MONITOR = "val_map_at_r"
@@ -111,10 +111,13 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     train_labels = torch.as_tensor(train.labels, device=device)
-    cache = None if params.augment else _cache_frozen_prefix(model, prep, precision, train, val, batch_size_eval)
+    views = params.augment_views if params.augment else 0
+    cache = None
+    if not params.augment or views:
+        cache = _cache_frozen_prefix(model, prep, precision, train, val, batch_size_eval, views, params.seed)
     cached = cache is not None
     if cached:
-        trainable, features, val_features = cache
+        trainable, features, val_features = cache  # features: [views or 1, n, ...]
 
     steps_per_epoch = len(schedule.epochs[0])
     optimizer = _optimizer(model, params)
@@ -127,11 +130,13 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
     for epoch, steps in enumerate(schedule.epochs[: params.epochs], start=1):
         model.train()
         losses = []
-        for images, rows, inverse in _step_source(steps, train, prep, params, epoch, cached):
+        for step, (images, rows, inverse) in enumerate(_step_source(steps, train, prep, params, epoch, cached)):
             with precision.autocast():
                 if cached:
                     unique, inverse = torch.unique(rows, return_inverse=True)
-                    emb = trainable(_as_input(features[unique.to(device)], memory_format))[inverse.to(device)]
+                    view = _views_for(len(unique), len(features), params.seed, epoch, step).to(device)
+                    batch = features[view, unique.to(device)]
+                    emb = trainable(_as_input(batch, memory_format))[inverse.to(device)]
                 else:
                     out = model(images.to(device).contiguous(memory_format=memory_format))
                     emb = out[inverse.to(device)]
@@ -177,10 +182,20 @@ def _as_input(batch: torch.Tensor, memory_format: torch.memory_format) -> torch.
     return batch.contiguous(memory_format=memory_format) if batch.dim() == 4 else batch
 
 
-def _cache_frozen_prefix(model: EmbeddingNet, prep: Preprocessing, precision: Precision, train: SplitImages,
-                         val: SplitImages, batch_size: int):
-    """Run the frozen prefix once over both splits: (trainable rest, train outputs, val outputs).
+def _views_for(n: int, n_views: int, seed: int, epoch: int, step: int) -> torch.Tensor:
+    """Which cached augmented view each of `n` rows uses in this step (seeded, worker-independent)."""
+    if n_views == 1:
+        return torch.zeros(n, dtype=torch.long)
+    generator = torch.Generator().manual_seed(hash((seed, epoch, step)) % 2**63)
+    return torch.randint(n_views, (n,), generator=generator)
 
+
+def _cache_frozen_prefix(model: EmbeddingNet, prep: Preprocessing, precision: Precision, train: SplitImages,
+                         val: SplitImages, batch_size: int, views: int, seed: int):
+    """Run the frozen prefix once: (trainable rest, train outputs [views, n, ...], val outputs).
+
+    With `views` > 0 the training images go through it as that many seeded augmented views, so
+    augmentation survives caching; validation images always go through un-augmented.
     Returns None when nothing is frozen, the backbone cannot be cut, or the outputs would not fit
     in `CACHE_BUDGET_BYTES` (then every step recomputes them from the images).
     """
@@ -192,14 +207,19 @@ def _cache_frozen_prefix(model: EmbeddingNet, prep: Preprocessing, precision: Pr
         sample = prefix.eval()(torch.zeros(1, 3, prep.image_size, prep.image_size, device=precision.device))
     keep = torch.bfloat16 if precision.dtype is torch.bfloat16 else torch.float32
     per_image = sample.numel() * (2 if keep is torch.bfloat16 else 4)
-    if per_image * (len(train.encoded) + len(val.encoded)) > CACHE_BUDGET_BYTES:
+    if per_image * (max(views, 1) * len(train.encoded) + len(val.encoded)) > CACHE_BUDGET_BYTES:
         return None
     extractor = Embedder(prefix, prep, precision, batch_size, normalize=False)
 
     def run(split: SplitImages) -> torch.Tensor:
         return torch.from_numpy(extractor.embed_encoded(split.encoded)).to(precision.device, keep)
 
-    return trainable, run(train), run(val)
+    def run_view(view: int) -> torch.Tensor:
+        batches = augmented_batches(train.encoded, prep, seed, view, batch_size)
+        return torch.cat([torch.from_numpy(extractor.embed_tensor(b)).to(precision.device, keep) for b in batches])
+
+    train_views = torch.stack([run_view(v) for v in range(views)]) if views else run(train).unsqueeze(0)
+    return trainable, train_views, run(val)
 
 
 def _validate(raw: torch.Tensor, labels: np.ndarray, triplets: np.ndarray, loss_fn) -> dict:

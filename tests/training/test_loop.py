@@ -1,0 +1,87 @@
+"""The training loop on images a tiny network can learn: colour decides the class."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siamese_cv.data.triplets import pk_batches, random_triplets, rng_for
+from siamese_cv.hardware import resolve_precision
+from siamese_cv.models.siamese import Preprocessing, build_model
+from siamese_cv.params import TrainParams
+from siamese_cv.training import loop
+from siamese_cv.training.loop import Schedule, SplitImages, fit
+
+PREP = Preprocessing(32, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+COLOURS = [(140, 115, 115), (115, 140, 115), (115, 115, 140)]  # subtle: noise is larger
+
+
+def split(n_per_class: int, seed: int) -> SplitImages:
+    rng = np.random.default_rng(seed)
+    encoded, labels = [], []
+    for label, colour in enumerate(COLOURS):
+        for _ in range(n_per_class):
+            noise = rng.integers(-60, 60, size=(32, 32, 3))
+            pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            encoded.append(buffer.getvalue())
+            labels.append(label)
+    return SplitImages(encoded, np.array(labels))
+
+
+def run(params: TrainParams, freeze=None, pk=False):
+    torch.manual_seed(0)
+    model, _ = build_model("tiny", "linear", 16)
+    model.freeze(freeze)
+    train, val = split(8, 0), split(4, 1)
+    if pk:
+        epochs = [list(pk_batches(train.labels, 3, 4, rng_for(0, "pk", e))) for e in range(params.epochs)]
+    else:
+        epochs = [[t.T.ravel() for t in np.array_split(random_triplets(train.labels, rng_for(0, "train", e)), 4)]
+                  for e in range(params.epochs)]
+    val_triplets = random_triplets(val.labels, rng_for(0, "validation", 0))
+    precision = resolve_precision("fp32", torch.device("cpu"))
+    return fit(model, PREP, train, val, Schedule(epochs, not pk), val_triplets, params, precision,
+               batch_size_eval=16)
+
+
+def untrained_map_at_r() -> float:
+    from siamese_cv.embedding import Embedder
+    from siamese_cv.evaluation.metrics import retrieval_metrics
+
+    torch.manual_seed(0)
+    model, _ = build_model("tiny", "linear", 16)
+    val = split(4, 1)
+    emb = Embedder(model, PREP, resolve_precision("fp32", torch.device("cpu"))).embed_encoded(val.encoded)
+    return retrieval_metrics(emb, val.labels, recall_at=(1,))["map_at_r"]
+
+
+def test_training_learns_colours_and_keeps_the_best_epoch():
+    result = run(TrainParams(epochs=6, lr=3e-3, workers=0))
+    assert len(result.history) == 6 and not result.cached_features
+    assert result.best["val_map_at_r"] == max(h["val_map_at_r"] for h in result.history)
+    before = untrained_map_at_r()
+    assert before < 0.8 and result.best["val_map_at_r"] > before + 0.15, (before, result.best)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_cached_prefix_trains_exactly_like_the_images(monkeypatch):
+    params = TrainParams(epochs=2, lr=3e-3, workers=0)
+    cached = run(params, freeze=1)
+    monkeypatch.setattr(loop, "CACHE_BUDGET_BYTES", 0)
+    plain = run(params, freeze=1)
+    assert cached.cached_features and not plain.cached_features
+    for a, b in zip(cached.history, plain.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_map_at_r"] == pytest.approx(b["val_map_at_r"], abs=1e-6)
+
+
+def test_pk_batches_with_a_miner_and_cached_augmented_views():
+    params = TrainParams(epochs=3, lr=3e-3, workers=0, loss="triplet_cosine", miner="semihard", margin=0.2,
+                         augment=True, augment_views=2)
+    result = run(params, freeze=2, pk=True)
+    assert result.cached_features
+    assert result.best["val_map_at_r"] > 0.8
