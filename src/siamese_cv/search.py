@@ -1,7 +1,9 @@
 """Reverse image search: embed a query photo, rank the gallery by cosine similarity.
 
-`siamese-search QUERY_IMAGE [--top 20] [--json] [--grid out.png]` is the original notebook's
-search, but vectorised: one matrix product and a partial sort instead of a Python loop.
+`siamese-search QUERY_IMAGE [--top 20] [--json] [--grid out.png] [--index exact|ivf]` is the
+original notebook's search, but vectorised: one matrix product and a partial sort instead of a
+Python loop (`exact`, the default), or a FAISS IVF index for galleries too large for that
+(`--index ivf [--nprobe N]`; see `siamese_cv.index`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import numpy as np
 from siamese_cv import paths
 from siamese_cv.errors import UserError, run_cli
 from siamese_cv.gallery import Gallery, load_gallery
+from siamese_cv.index import KINDS, Index, build_index, top_k
+
+__all__ = ["Hit", "top_k", "search_gallery", "embed_query", "main", "cli"]
 
 
 @dataclass(frozen=True)
@@ -28,29 +33,25 @@ class Hit:
     score: float
 
 
-def top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine top-k of each query row against normalised `vectors`.
+def search_gallery(gallery: Gallery, query_vector: np.ndarray, k: int, index: Index | None = None,
+                   nprobe: int | None = None) -> list[Hit]:
+    """The gallery's `k` best hits for one query vector.
 
-    Returns:
-        (indices [q, k'], scores [q, k']) best first, k' = min(k, len(vectors)); ties by index.
+    Args:
+        index: built from `gallery.vectors` (`build_index`); None searches them exactly.
+        nprobe: IVF lists to scan for this query (ivf indexes only).
     """
-    queries = np.atleast_2d(queries).astype(np.float32, copy=False)
-    k = min(k, len(vectors))
-    scores = queries @ vectors.T
-    if k < len(vectors):
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    if index is None:
+        if nprobe is not None:
+            raise ValueError("nprobe needs an ivf index; pass index=build_index(..., kind='ivf')")
+        ids, scores = top_k(gallery.vectors, query_vector, k)
     else:
-        part = np.tile(np.arange(len(vectors)), (len(queries), 1))
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -part_scores), axis=1)
-    best = np.take_along_axis(part, order, axis=1)
-    return best, np.take_along_axis(scores, best, axis=1)
-
-
-def search_gallery(gallery: Gallery, query_vector: np.ndarray, k: int) -> list[Hit]:
-    index, score = top_k(gallery.vectors, query_vector, k)
+        if index.ntotal != len(gallery.ids):
+            raise ValueError(f"the index holds {index.ntotal} vectors, the gallery "
+                             f"{len(gallery.ids)}; build the index from this gallery's vectors")
+        ids, scores = index.search(query_vector, k, nprobe=nprobe)
     return [Hit(r + 1, gallery.ids[i], gallery.label_names[i], float(s))
-            for r, (i, s) in enumerate(zip(index[0], score[0], strict=True))]
+            for r, (i, s) in enumerate(zip(ids[0], scores[0], strict=True))]
 
 
 def embed_query(path: Path, model_dir: Path, gallery: Gallery) -> np.ndarray:
@@ -73,14 +74,30 @@ def embed_query(path: Path, model_dir: Path, gallery: Gallery) -> np.ndarray:
     return Embedder(model, prep, precision, batch_size=1).embed_images([image])
 
 
+def _build_ivf(gallery: Gallery) -> Index:
+    try:
+        return build_index(gallery.vectors, "ivf")
+    except ImportError as error:
+        raise UserError(str(error)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siamese-search", description=__doc__.splitlines()[0])
     parser.add_argument("query", type=Path, help="the photo to search for")
     parser.add_argument("--top", type=int, default=20, help="how many results (default 20)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--grid", type=Path, help="also draw the query and its results into this PNG")
-    parser.add_argument("--gallery", type=Path, default=paths.GALLERY, help="gallery folder (data/gallery)")
-    parser.add_argument("--model", type=Path, default=paths.MODEL, help="trained model folder (models)")
+    parser.add_argument("--grid", type=Path,
+                        help="also draw the query and its results into this PNG")
+    parser.add_argument("--gallery", type=Path, default=paths.GALLERY,
+                        help="gallery folder (data/gallery)")
+    parser.add_argument("--model", type=Path, default=paths.MODEL,
+                        help="trained model folder (models)")
+    parser.add_argument("--index", choices=KINDS, default="exact",
+                        help="exact (default) scores every gallery vector; ivf builds an "
+                        "approximate FAISS index, for galleries of hundreds of thousands of images")
+    parser.add_argument("--nprobe", type=int,
+                        help="ivf lists to scan: more is slower and closer to exact "
+                        "(default: 1/16 of the lists)")
     parser.add_argument("--processed", type=Path, default=paths.PROCESSED,
                         help="processed images, for drawing the grid (data/processed)")
     return parser
@@ -90,10 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.top < 1:
         raise UserError(f"--top: {args.top} must be at least 1")
+    if args.nprobe is not None and args.index != "ivf":
+        raise UserError("--nprobe applies only to the approximate index; add --index ivf")
+    if args.nprobe is not None and args.nprobe < 1:
+        raise UserError(f"--nprobe: {args.nprobe} must be at least 1")
     if not args.query.is_file():
         raise UserError(f"{args.query}: no such image file")
     gallery = load_gallery(args.gallery)
-    hits = search_gallery(gallery, embed_query(args.query, args.model, gallery), args.top)
+    query = embed_query(args.query, args.model, gallery)
+    index = None if args.index == "exact" else _build_ivf(gallery)
+    hits = search_gallery(gallery, query, args.top, index, args.nprobe)
     if args.grid:
         from siamese_cv.search_grid import draw_search_grid
 

@@ -153,7 +153,7 @@ def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
     key = fmt.lower()
     buffer = io.BytesIO()
     if key in ("jpeg", "jpg"):
-        img.save(buffer, "JPEG", quality=quality, optimize=True)
+        img.save(buffer, "JPEG", quality=quality)
     elif key == "png":
         img.save(buffer, "PNG", compress_level=6)
     elif key == "webp":

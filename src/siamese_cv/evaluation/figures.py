@@ -30,7 +30,7 @@ BAD = "#d7191c"  # red: wrong / other class
 DPI = 110
 # Images are shrunk to this many pixels on their long side before plotting: the figure cannot
 # show more, and full-size photos would make the PNGs (and DVC's cache) needlessly large.
-THUMB_PX = 256
+THUMB_PX = 160
 # The most points t-SNE is run on; more are subsampled (t-SNE is O(n log n) but slow on CPUs).
 TSNE_MAX_POINTS = 3000
 # Above this many classes the scatter legend and the confusion cell texts become unreadable.
@@ -115,7 +115,7 @@ def triplet_figure(rows: list[dict], path: str | Path, title: str) -> Path:
                 sim = float(row["sim_pos" if key == "positive" else "sim_neg"])
                 ax.set_xlabel(f"cos = {sim:.3f}", color=colour, fontsize=10, fontweight="bold")
     fig.suptitle(f"{title}\n{n_correct} of {len(rows)} triplets correct (cos(a,p) > cos(a,n))")
-    fig.tight_layout(h_pad=2.0)
+    fig.tight_layout(h_pad=2.0, rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))  # room for the title
     return _save(fig, path)
 
 

@@ -1,0 +1,286 @@
+"""A Hugging Face dataset (`hf:<id>[@revision]` or a local parquet conversion), with retries."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from siamese_cv.errors import UserError
+
+from ._common import SPLIT_ALIASES, Record, SourceInfo, _read, stratified_holdout
+
+DEFAULT_HF_REVISION = "refs/convert/parquet"
+_OFFLINE_HINT = "run the offline profile on a local folder: make repro-offline DATA=<image folder>"
+
+
+def _open_hf(
+    spec: str,
+    fraction: float,
+    seed: int,
+    retries: int,
+    base_dir: Path,
+    sleep: Callable[[float], None],
+) -> tuple[SourceInfo, Iterator[Record]]:
+    import datasets  # heavy (about a second); only hub sources pay for it
+
+    local = Path(spec).expanduser()
+    local = local if local.is_absolute() else base_dir / local
+    if spec and local.is_dir():
+        location, name, kwargs = str(local.resolve()), str(local.resolve()), {}
+    else:
+        repo, _, revision = spec.partition("@")
+        if not repo:
+            raise UserError("data.source: hf: needs a dataset id, e.g. hf:Matthijs/snacks")
+        revision = revision or DEFAULT_HF_REVISION
+        location, name, kwargs = f"{repo}@{revision}", repo, {"revision": revision}
+    with _quiet_hub_logs():
+        loaded = _with_retries(
+            lambda: datasets.load_dataset(name, **kwargs), location, retries, sleep
+        )
+    splits = _hub_splits(loaded, location)
+    first = splits["train"][1]
+    image_col, label_col = _hub_columns(first, location)
+    class_names = list(first.features[label_col].names)
+    undecoded = {}
+    for split, (hub_name, dataset) in splits.items():
+        same_columns = _hub_columns(dataset, location) == (image_col, label_col)
+        if not same_columns or list(dataset.features[label_col].names) != class_names:
+            raise UserError(f"hf:{location}: split {hub_name} has different columns or classes")
+        dataset = dataset.select_columns([image_col, label_col])
+        # decode=False: the raw file bytes, as {"bytes", "path"}; decoding is preprocess's job.
+        undecoded[split] = (hub_name, dataset.cast_column(image_col, datasets.Image(decode=False)))
+    splits = undecoded
+    if "test" not in splits:
+        raise UserError(
+            f"hf:{location}: no test split (splits: {', '.join(loaded)}); "
+            "pick a dataset with a test split, or use a local folder"
+        )
+    info = SourceInfo("hf", location, class_names, _hub_fingerprint(location, splits))
+    records = _stream_hub(splits, location, image_col, label_col, class_names, fraction, seed)
+    return info, records
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs() -> Iterator[None]:
+    """Hide the hub libraries' own warnings (one per internal retry) while loading.
+
+    Offline, huggingface_hub logs two stderr lines per HTTP retry; the outcome is reported as the
+    single UserError line of `_with_retries` instead.
+    """
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _with_retries(
+    call: Callable[[], Any], location: str, retries: int, sleep: Callable[[float], None]
+) -> Any:
+    """Run `call`, retrying transient hub errors with 1 s, 2 s, 4 s... backoff.
+
+    A permanent failure, or the last transient one, becomes one UserError line.
+    """
+    for attempt in range(max(retries, 0) + 1):
+        try:
+            return call()
+        except Exception as error:  # classified below; anything unclassified is a load failure
+            kind = _classify(error)
+            if kind == "transient" and attempt < retries:
+                sleep(2.0**attempt)
+                continue
+            reason = _short(error)
+            if kind == "not_found":
+                raise UserError(
+                    f"Hugging Face dataset {location} not found or not accessible ({reason}): "
+                    f"check data.source (hf:<id>[@revision]), or {_OFFLINE_HINT}"
+                ) from None
+            if kind in ("transient", "offline"):
+                tries = f", {attempt + 1} attempts" if attempt else ""
+                raise UserError(
+                    f"cannot reach the Hugging Face hub for {location} ({reason}{tries}): "
+                    f"connect to the internet, or {_OFFLINE_HINT}"
+                ) from None
+            raise UserError(f"cannot load Hugging Face dataset {location} ({reason})") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_TRANSIENT_NAMES = {
+    "ConnectionError", "TimeoutError", "Timeout", "TimeoutException", "TransportError",
+    "NetworkError", "ConnectError", "ConnectTimeout", "ReadTimeout", "RemoteProtocolError",
+    "ChunkedEncodingError", "ClientConnectionError", "ServerTimeoutError", "gaierror",
+    "LocalEntryNotFoundError",  # huggingface_hub: hub unreachable and the file is not cached
+}  # fmt: skip
+_NOT_FOUND_NAMES = {
+    "DatasetNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError",
+    "GatedRepoError", "DataFilesNotFoundError", "EmptyDatasetError",
+}  # fmt: skip
+
+
+def _classify(error: BaseException) -> str:
+    """ "transient", "offline", "not_found" or "other", from the error and its causes.
+
+    Names, not classes, are matched so requests, httpx, aiohttp and huggingface_hub errors are
+    all recognised without importing them.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    names = {cls.__name__ for exc in chain for cls in type(exc).__mro__}
+    # datasets re-raises hub errors as a plain ConnectionError naming the original in its text
+    if "OfflineModeIsEnabled" in names or any("OfflineModeIsEnabled" in str(e) for e in chain):
+        return "offline"
+    if names & _NOT_FOUND_NAMES:
+        return "not_found"
+    for exc in chain:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        status = status if isinstance(status, int) else getattr(exc, "status_code", None)
+        if isinstance(status, int):
+            if status == 429 or status >= 500:
+                return "transient"
+            if status in (401, 403, 404, 410):
+                return "not_found"
+    if names & _TRANSIENT_NAMES:
+        return "transient"
+    return "other"
+
+
+def _short(error: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _hub_splits(loaded: Any, location: str) -> dict[str, tuple[str, Any]]:
+    """Normalised split name -> (hub split name, dataset); needs a train split."""
+    splits: dict[str, tuple[str, Any]] = {}
+    for hub_name in sorted(loaded):
+        split = SPLIT_ALIASES.get(hub_name.lower())
+        if split is None:
+            continue  # e.g. "extra": not part of the pipeline's three splits
+        if split in splits:
+            raise UserError(
+                f"hf:{location}: splits {splits[split][0]} and {hub_name} both map to {split}"
+            )
+        splits[split] = (hub_name, loaded[hub_name])
+    if "train" not in splits:
+        raise UserError(f"hf:{location}: no train split (splits: {', '.join(loaded)})")
+    return splits
+
+
+def _hub_columns(dataset: Any, location: str) -> tuple[str, str]:
+    """The image column (an Image feature) and label column (a ClassLabel, "label" preferred)."""
+    from datasets import ClassLabel, Image
+
+    features = dataset.features
+    images = [name for name, feature in features.items() if isinstance(feature, Image)]
+    labels = [name for name, feature in features.items() if isinstance(feature, ClassLabel)]
+    labels.sort(key=lambda name: name not in ("label", "labels"))
+    if not images or not labels:
+        raise UserError(
+            f"hf:{location}: needs an image column (datasets.Image) and a label column "
+            f"(datasets.ClassLabel); it has {', '.join(f'{k}: {v}' for k, v in features.items())}"
+        )
+    return images[0], labels[0]
+
+
+def _hub_fingerprint(location: str, splits: dict[str, tuple[str, Any]]) -> dict:
+    """The hub commit the data came from when known, else datasets' per-split fingerprints.
+
+    datasets caches a hub dataset under `.../<config>/<version>/<commit sha>/`, so the sha is
+    read from the cache path rather than asking the hub a second time.
+    """
+    rows = {split: len(dataset) for split, (_, dataset) in splits.items()}
+    for _, dataset in splits.values():
+        for cache in dataset.cache_files:
+            for part in Path(cache.get("filename", "")).parts:
+                if re.fullmatch(r"[0-9a-f]{40}", part):
+                    return {"source": location, "commit": part, "rows": rows}
+    fingerprints = {
+        split: getattr(dataset, "_fingerprint", None) for split, (_, dataset) in splits.items()
+    }
+    return {"source": location, "splits": fingerprints, "rows": rows}
+
+
+def _stream_hub(
+    splits: dict[str, tuple[str, Any]],
+    location: str,
+    image_col: str,
+    label_col: str,
+    class_names: list[str],
+    fraction: float,
+    seed: int,
+) -> Iterator[Record]:
+    """Rows split by split (train, validation, test), carving validation from train if needed."""
+    plan: list[tuple[str, str, Any, list[int] | None]] = []  # (split, hub split, dataset, rows)
+    hub_train, train = splits["train"]
+    if "validation" in splits:
+        plan.append(("train", hub_train, train, None))
+    else:
+        labels = list(train[label_col])
+        held_ids = stratified_holdout(
+            ((f"{i:06d}", label) for i, label in enumerate(labels) if label >= 0), fraction, seed
+        )
+        held = sorted(int(i) for i in held_ids)
+        kept = sorted(set(range(len(labels))) - set(held))
+        plan += [("train", hub_train, train, kept), ("validation", hub_train, train, held)]
+    for split in ("validation", "test"):
+        if split in splits:
+            plan.append((split, *splits[split], None))
+    for split, hub_name, dataset, rows in plan:
+        yield from _hub_records(
+            split, hub_name, dataset, rows, location, image_col, label_col, class_names
+        )
+
+
+def _hub_records(
+    split: str,
+    hub_name: str,
+    dataset: Any,
+    rows: list[int] | None,
+    location: str,
+    image_col: str,
+    label_col: str,
+    class_names: list[str],
+) -> Iterator[Record]:
+    indices = rows if rows is not None else range(len(dataset))
+    subset = dataset if rows is None else dataset.select(rows)
+    positions = iter(indices)
+    for batch in subset.iter(batch_size=64):
+        for image, label in zip(batch[image_col], batch[label_col], strict=True):
+            row = next(positions)
+            data, error = _hub_image_bytes(image)
+            if not 0 <= label < len(class_names):
+                label, error = -1, error or "missing label"
+            yield Record(
+                id=f"hf/{hub_name}/{row:06d}",
+                split=split,
+                label=label,
+                label_name=class_names[label] if label >= 0 else "",
+                source=f"hf:{location}:{hub_name}[{row}]",
+                image=data,
+                error=error,
+            )
+
+
+def _hub_image_bytes(image: dict | None) -> tuple[bytes | None, str | None]:
+    """The undecoded bytes of an Image(decode=False) cell, or from its local path."""
+    if not image:
+        return None, "no image in this row"
+    if image.get("bytes"):
+        return image["bytes"], None
+    path = image.get("path")
+    if path and os.path.isfile(path):
+        return _read(path)
+    return None, "no image bytes in this row"

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+
+from siamese_cv.index import build_index, default_nlist, top_k
+from siamese_cv.search import top_k as reexported_top_k
+
+pytest.importorskip("faiss")
+
+
+def clustered(n: int, dim: int, centres: int, seed: int) -> np.ndarray:
+    """Normalised vectors around `centres` random directions, like class-clustered embeddings."""
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(size=(centres, dim)).astype(np.float32)
+    noise = rng.normal(scale=0.5 / np.sqrt(dim), size=(n, dim)).astype(np.float32)
+    vectors = centre[rng.integers(0, centres, n)] / np.sqrt(dim) + noise
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def gallery() -> np.ndarray:
+    return clustered(20_000, 64, 200, seed=0)
+
+
+@pytest.fixture(scope="module")
+def queries(gallery: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    picked = gallery[rng.choice(len(gallery), 100, replace=False)]
+    return picked + rng.normal(scale=0.05, size=picked.shape).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ivf(gallery: np.ndarray):
+    return build_index(gallery, "ivf", seed=0)
+
+
+def test_top_k_is_still_importable_from_search():
+    assert reexported_top_k is top_k
+
+
+def test_exact_matches_brute_force(gallery: np.ndarray, queries: np.ndarray):
+    ids, scores = build_index(gallery[:3000]).search(queries, 10)
+    unit = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    full = unit @ gallery[:3000].T
+    want = np.argsort(-full, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(ids, want)
+    assert np.allclose(scores, np.take_along_axis(full, want, axis=1), atol=1e-5)
+
+
+def test_ivf_recall_at_10_against_exact(gallery: np.ndarray, queries: np.ndarray, ivf):
+    assert ivf.nlist == default_nlist(len(gallery))
+    exact, _ = build_index(gallery).search(queries, 10)
+    approx, scores = ivf.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, approx, strict=True)])
+    assert recall >= 0.95
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_k_larger_than_the_gallery_gives_every_vector_and_no_minus_one(kind: str):
+    vectors = clustered(50, 16, 5, seed=2)
+    index = build_index(vectors, kind, seed=0)
+    kwargs = {"nprobe": 1} if kind == "ivf" else {}  # one list holds far fewer than 50
+    ids, scores = index.search(vectors[:3], 80, **kwargs)
+    assert ids.shape == scores.shape == (3, 50)
+    assert (ids >= 0).all()
+    assert all(sorted(row) == list(range(50)) for row in ids.tolist())
+
+
+def test_ivf_fills_short_rows_with_real_hits(ivf, queries: np.ndarray):
+    ids, _ = ivf.search(queries[:5], 500, nprobe=1)
+    assert ids.shape == (5, 500)
+    assert (ids >= 0).all()
+    assert all(len(set(row)) == 500 for row in ids.tolist())
+
+
+def test_nprobe_per_call_does_not_leak_into_later_calls(ivf, queries: np.ndarray):
+    before = ivf.search(queries, 10)
+    narrow = ivf.search(queries, 10, nprobe=1)
+    after_narrow = ivf.search(queries, 10)
+    ivf.search(queries, 10, nprobe=ivf.nlist)
+    after_wide = ivf.search(queries, 10)
+    assert not np.array_equal(narrow[0], before[0])  # the per-call nprobe did take effect
+    for after in (after_narrow, after_wide):
+        assert np.array_equal(before[0], after[0])
+        assert np.array_equal(before[1], after[1])
+    assert ivf.faiss_index.nprobe == 1  # FAISS's own field was never set
+
+
+def test_bad_arguments_say_what_to_do(gallery: np.ndarray):
+    with pytest.raises(ValueError, match="exact, ivf"):
+        build_index(gallery[:10], "hnsw")
+    with pytest.raises(ValueError, match="kind='ivf'"):
+        build_index(gallery[:10]).search(gallery[:1], 5, nprobe=4)
+    with pytest.raises(ValueError, match="dimension"):
+        build_index(gallery[:10]).search(np.ones(8, np.float32), 5)
+    with pytest.raises(ValueError, match="export a gallery"):
+        build_index(np.zeros((0, 64), np.float32))
