@@ -2,6 +2,9 @@
 
 Writes models/model.safetensors and models/config.json (everything needed to rebuild the model
 and its preprocessing), and per-epoch curves through DVCLive under metrics/train/.
+
+With `train.devices` > 1 it relaunches itself as that many DistributedDataParallel processes;
+started by torchrun (one per node when `train.nodes` > 1) it is one of them. docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -9,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from siamese_cv import paths
-from siamese_cv.training.run import train_and_save
 from siamese_cv.stage import run_stage, stage_params
+from siamese_cv.training.launch import train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     params = stage_params(argv, __doc__)
-    config = train_and_save(params)
+    config = train(params)
+    if config is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     best = config["best"]
     print(f"train: best epoch {config['best_epoch']}/{params.train.epochs}: val triplet accuracy "
           f"{best['val_triplet_accuracy']:.4f}, val MAP@R {best['val_map_at_r']:.4f} "

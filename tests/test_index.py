@@ -95,3 +95,16 @@ def test_bad_arguments_say_what_to_do(gallery: np.ndarray):
         build_index(gallery[:10]).search(np.ones(8, np.float32), 5)
     with pytest.raises(ValueError, match="export a gallery"):
         build_index(np.zeros((0, 64), np.float32))
+
+
+def test_ivf_survives_faiss_torch_utils_patching():
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which patches Index.search."""
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    from siamese_cv.index import build_index
+
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(500, 16)).astype(np.float32)
+    index = build_index(vectors, "ivf", nlist=8)
+    ids, _ = index.search(vectors[:3], 5, nprobe=8)
+    assert ids[:, 0].tolist() == [0, 1, 2]

@@ -3,64 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
-from safetensors.torch import save_file
-
-from siamese_cv.models.backbones import get_backbone_spec
+from pipeline_project import STAGES, copy_photos, make_project, ran, run
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-STAGES = ["download", "preprocess", "sample_triplets", "train", "baseline", "export_gallery", "evaluate"]
-
-
-def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def ran(output: str) -> set[str]:
-    return {s for s in STAGES if f"Running stage '{s}'" in output}
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, request) -> Path:
-    from conftest import food10_photos
-
-    root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, root / name)
-    for folder in ("stages", "src", "profiles"):
-        shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    photos = root.parent / "photos"
-    for split, n in (("train", 6), ("test", 3)):
-        for cls, files in food10_photos(split, n, classes=3).items():
-            (photos / split / cls).mkdir(parents=True, exist_ok=True)
-            for f in files:
-                shutil.copy(f, photos / split / cls / f.name)
-    torch.manual_seed(0)
-    save_file(get_backbone_spec("tiny").build().module.state_dict(), str(root / "tiny.safetensors"))
-    run(root, "git", "init", "-q")
-    run(root, "dvc", "init", "-q")
-    run(root, "dvc", "config", "core.analytics", "false")
-    overrides = {"data.source": str(photos), "data.val_fraction": "0.34", "model.backbone": "tiny",
-                 "model.weights": "tiny.safetensors", "preprocess.image_size": "64", "train.epochs": "2",
-                 "train.batch_size": "4", "train.workers": "0", "triplets.test_draws": "3",
-                 "evaluate.batch_size": "8", "export.batch_size": "8"}
-    run(root, "siamese-params", "apply", *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")])
-    run(root, "git", "add", "-A")
-    run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    base = tmp_path_factory.mktemp("pipeline")
+    root = make_project(base / "project", copy_photos(base / "photos", train=6, test=3, classes=3))
     first = run(root, "dvc", "repro")
     request.config.cache.set("pipeline/first_run", first.stdout[-3000:])
     assert ran(first.stdout) == set(STAGES), first.stdout
@@ -134,3 +89,22 @@ def test_forced_reruns_give_identical_metrics(project):
     run(project, "dvc", "repro", "--force", "-s", "train")
     run(project, "dvc", "repro")
     assert (project / "metrics/test.json").read_bytes() == first
+
+
+def test_push_then_pull_on_a_fresh_clone_needs_no_stage(project, tmp_path):
+    remote = tmp_path / "remote"
+    run(project, "dvc", "remote", "add", "-f", "-d", "test", str(remote))
+    run(project, "git", "add", "-A")
+    run(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    run(project, "dvc", "push")
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    run(clone, "dvc", "pull")
+    status = run(clone, "dvc", "status").stdout
+    assert "up to date" in status, status
+    out = run(clone, "dvc", "repro").stdout
+    assert ran(out) == set(), out
+    first_id = pq.read_table(clone / "data/gallery/embeddings.parquet").column("id")[0].as_py()
+    source = json.loads((clone / "data/raw/source.json").read_text())
+    hits = json.loads(run(clone, "siamese-search", str(Path(source["location"]) / first_id), "--json").stdout)
+    assert hits[0]["id"] == first_id

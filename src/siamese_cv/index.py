@@ -156,7 +156,14 @@ class IVFIndex(Index):
                       nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
-        return self.faiss_index.search(queries, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        # The SWIG entry point directly: pytorch-metric-learning imports faiss.contrib.torch_utils,
+        # which replaces `Index.search` with a wrapper that drops the `params` argument.
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        ids = np.empty((len(queries), k), dtype=np.int64)
+        self.faiss_index.search_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(scores),
+                                  faiss.swig_ptr(ids), faiss.SearchParametersIVF(nprobe=nprobe))
+        return scores, ids
 
     def describe(self) -> str:
         return f"{super().describe()}, {self.nlist} lists, nprobe {self.default_nprobe} by default"

@@ -7,8 +7,10 @@ A stage killed at any moment then leaves either the previous complete file or no
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,20 +27,40 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    prefix = f".tmp-{target.name}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=target.parent))
     tmp_target = tmp / target.name
     try:
         yield tmp_target
         if target.is_dir() and not target.is_symlink():
-            old = target.parent / f".old-{target.name}-{os.getpid()}"
-            os.replace(target, old)
+            os.replace(target, tmp / ".old")  # inside tmp: a kill here leaves only '.tmp-' names
             os.replace(tmp_target, target)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp_target, target)
         _fsync_dir(target.parent)
+        _remove_leftovers(target.parent, prefix)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_leftovers(folder: Path, prefix: str) -> None:
+    """Delete `<prefix><pid>-<random>` folders whose writing process is gone (killed earlier)."""
+    for path in folder.glob(glob.escape(prefix) + "*"):
+        match = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", path.name[len(prefix):])
+        if match and path.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -83,6 +83,12 @@ class TrainParams:
     device: str = _opt("auto", doc="auto | cpu | cuda | cuda:N")
     workers: int = _opt(2, ge=0)
     seed: int = _opt(42, ge=0)
+    devices: int = _opt(1, ge=1, doc="training processes per node, one per GPU (or CPU processes); "
+                        "> 1 relaunches the stage through torch.distributed")
+    nodes: int = _opt(1, ge=1, doc="machines; > 1: start the stage on every node with torchrun "
+                      "(docs/distributed.md)")
+    cross_rank_negatives: bool = _opt(False, doc="pk batches on several processes: mine and "
+                                      "score against every process's embeddings, not only its own")
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,31 @@ def _check_cross(params: Params) -> None:
         raise ParamsError(f"train.miner: {params.train.miner!r} mines inside class-balanced batches; set triplets.sampler: pk")
     if params.train.loss == "multi_similarity" and params.triplets.sampler != "pk":
         raise ParamsError("train.loss: multi_similarity needs class-balanced batches; set triplets.sampler: pk")
+    _check_distributed(params)
+
+
+def _check_distributed(params: Params) -> None:
+    """Several processes split each step's rows: every process must get whole classes to compare."""
+    train, world = params.train, params.train.devices * params.train.nodes
+    if train.cross_rank_negatives and params.triplets.sampler != "pk":
+        raise ParamsError("train.cross_rank_negatives: the random sampler's triplets already name "
+                          "their negatives; set triplets.sampler: pk or "
+                          "train.cross_rank_negatives: false")
+    if train.devices > 1 and train.device.startswith("cuda:"):
+        raise ParamsError(f"train.device: {train.device!r} names one GPU but train.devices: "
+                          f"{train.devices} uses one GPU per process; set train.device: cuda "
+                          "or auto")
+    if world == 1 or params.triplets.sampler != "pk":
+        return
+    classes = params.triplets.classes_per_batch
+    if classes % world:
+        raise ParamsError(f"triplets.classes_per_batch: {classes} classes do not split evenly over "
+                          f"train.devices x train.nodes = {world} processes; make it a multiple "
+                          f"of {world}")
+    if classes // world < 2 and not train.cross_rank_negatives:
+        raise ParamsError(f"triplets.classes_per_batch: {classes} over {world} processes leaves "
+                          f"one class per process, so no negatives; raise it to {2 * world} or "
+                          "more, or set train.cross_rank_negatives: true")
 
 
 def parse_freeze(value: str | int) -> int | None:

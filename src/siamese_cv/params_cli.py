@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from siamese_cv.errors import ParamsError, UserError, run_cli
-from siamese_cv.params import PARAMS_FILE, load_params
+from siamese_cv.params import PARAMS_FILE, Params, load_params
 
 
 def _parse_override(text: str) -> tuple[list[str], object]:
@@ -67,6 +67,26 @@ def apply_overrides(params_path: Path, overrides: list[tuple[list[str], object]]
         raise
 
 
+def check_paths(params: Params, base_dir: Path) -> None:
+    """The local paths params.yaml names exist: data.source (unless hf:), model.weights (a file).
+
+    Relative paths are taken from `base_dir`, the project root the stages run in.
+    """
+    source = params.data.source.strip()
+    if not source:
+        raise ParamsError(
+            "data.source: empty; give an image folder, a CSV manifest, or hf:<dataset id>"
+        )
+    if not source.startswith("hf:"):
+        path = Path(source).expanduser()
+        if not (path if path.is_absolute() else base_dir / path).exists():
+            raise ParamsError(f"data.source: no such folder or CSV file {path}")
+    if params.model.weights not in ("imagenet", "none"):
+        path = Path(params.model.weights).expanduser()
+        if not (path if path.is_absolute() else base_dir / path).is_file():
+            raise ParamsError(f"model.weights: no such file {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="siamese-params", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
     args = parser.parse_args(argv)
     if args.command == "check":
-        load_params(args.params)
+        check_paths(load_params(args.params), args.params.resolve().parent)
         print(f"{args.params}: ok")
         return 0
     overrides = []

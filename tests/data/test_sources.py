@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 from collections import Counter
@@ -364,3 +365,21 @@ def test_hf_transient_error_then_success(monkeypatch, hf_cache: Path) -> None:
     info, records = _open("hf:someone/snacks", hf_cache, sleep=sleeps.append)
     assert sleeps == [1.0, 2.0] and info.location == "someone/snacks@refs/convert/parquet"
     assert len(records) == 5
+
+
+def test_hub_retry_warnings_are_not_printed(monkeypatch, tmp_path: Path, caplog) -> None:
+    """Offline, huggingface_hub logs two lines per internal retry; the user gets one error line."""
+    datasets = pytest.importorskip("datasets")
+    hub_log = logging.getLogger("huggingface_hub.utils._http")
+
+    def offline(*args, **kwargs):
+        hub_log.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD")
+        raise ConnectionError("Couldn't reach 'Matthijs/snacks' on the Hub (ConnectError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="cannot reach"):
+        _open("hf:Matthijs/snacks", tmp_path, retries=1, sleep=lambda seconds: None)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")] == []
+    with caplog.at_level(logging.WARNING):
+        hub_log.warning("outside a load")  # the library's logging is left as it was
+    assert [r.getMessage() for r in caplog.records] == ["outside a load"]

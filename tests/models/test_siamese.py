@@ -51,3 +51,19 @@ def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):
     assert not loaded.training
     with pytest.raises(UserError, match="run `dvc repro train`"):
         load_checkpoint(tmp_path / "missing")
+
+
+def test_weights_and_config_from_different_runs_are_refused(tmp_path):
+    """train writes the weights, then config.json: a kill in between must not pass as a model."""
+    import json
+
+    config = {"backbone": "tiny", "head": "linear", "embedding_dim": 8}
+    torch.manual_seed(1)
+    save_checkpoint(build_model("tiny", "linear", 8)[0], config, tmp_path)
+    old_config = (tmp_path / "config.json").read_text()
+    torch.manual_seed(2)
+    save_checkpoint(build_model("tiny", "linear", 8)[0], config, tmp_path)
+    (tmp_path / "config.json").write_text(old_config)
+    assert json.loads(old_config)["fingerprint"]
+    with pytest.raises(UserError, match="from different training runs"):
+        load_checkpoint(tmp_path)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -32,11 +35,33 @@ def _prepare(job: tuple[bytes, int, str, str, int]) -> tuple[bytes | None, str |
         return None, str(error)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: a worker must not outlive a killed stage.
+
+    Orphaned workers sleep forever and keep the stage's stdout open, so `dvc repro` (which reads
+    it to the end) would hang after an OOM kill or SIGKILL of the stage.
+    """
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
 def _executor(workers: int) -> Executor | None:
     if workers <= 1:
         return None
     method = "fork" if sys.platform == "linux" else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
 
 
 def _process_split(raw: Path, params: PreprocessParams, pool: Executor | None,

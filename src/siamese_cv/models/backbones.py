@@ -7,6 +7,7 @@ so nothing downstream hard-codes ImageNet statistics. Every backbone returns poo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,9 @@ def _tiny() -> Backbone:
                     list(net), [1, 2, 3])
 
 
+_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def load_weights_file(path: Path, backbone: Backbone) -> dict[str, torch.Tensor]:
     """Read a local weights file for `backbone` without executing anything it contains.
 
@@ -234,9 +238,15 @@ def load_weights_file(path: Path, backbone: Backbone) -> dict[str, torch.Tensor]
             raise UserError(f"model.weights: {path} is not a valid safetensors file ({error})") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not one line
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle.UnpicklingError and friends: refused, never executed
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            # torch's message opens by suggesting weights_only=False: keep only what it refused
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            useful = [line for line in lines if not line.startswith(_TORCH_LOAD_BOILERPLATE)]
+            first = (useful or lines or [""])[0].removeprefix("WeightsUnpickler error:").strip()
+            first = first.split(". ")[0].rstrip(".") or type(error).__name__
             raise UserError(
                 f"model.weights: {path} is not a plain tensor file and was not loaded ({first}); "
                 "save a state_dict, preferably as .safetensors"

@@ -180,6 +180,13 @@ def load_checkpoint(directory: str | Path, stem: str = "model") -> tuple[Embeddi
     if not weights.is_file() or not config_path.is_file():
         raise UserError(f"{directory}: no trained model there; run `dvc repro train` (or `dvc pull`)")
     config = json.loads(config_path.read_text(encoding="utf-8"))
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as handle:
+        saved = (handle.metadata() or {}).get("fingerprint")
+    if saved and config.get("fingerprint") and saved != config["fingerprint"]:
+        raise UserError(f"{directory}: {weights.name} and config.json are from different training "
+                        "runs (train stopped between the two writes?); rerun `dvc repro train`")
     model, _ = build_model(config["backbone"], config["head"], config["embedding_dim"])
     model.load_state_dict(load_file(str(weights)))
     model.eval()

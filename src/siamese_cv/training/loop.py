@@ -3,6 +3,10 @@
 When the first stages of the backbone are frozen and nothing is augmented, their output never
 changes, so it is computed once (by the shared embedder) and only the rest trains on it. With the
 whole backbone frozen that is the pooled features and only the head trains: seconds on a CPU.
+
+With several processes (`world`), each trains its share of every step (sharding.py) through a
+DDP-wrapped copy of the trainable part; every rank computes the same frozen-prefix cache and
+validates identically, and only rank 0 calls `log`.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from siamese_cv.embedding import Embedder
+from siamese_cv.errors import UserError
 from siamese_cv.evaluation.metrics import retrieval_metrics, triplet_accuracy
 from siamese_cv.hardware import Precision
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
 from siamese_cv.params import TrainParams
+from siamese_cv.training import distributed
 from siamese_cv.training.batches import StepDataset, augmented_batches
+from siamese_cv.training.distributed import SINGLE, World
 from siamese_cv.training.losses import build_loss, build_miner
+from siamese_cv.training.sharding import share_of
 
 MONITOR = "val_map_at_r"
 CACHE_BUDGET_BYTES = 6 * 2**30  # above this, frozen-prefix outputs are recomputed from images
@@ -89,7 +97,8 @@ def _optimizer(model: EmbeddingNet, params: TrainParams) -> torch.optim.Optimize
 
 def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: SplitImages,
         schedule: Schedule, val_triplets: np.ndarray, params: TrainParams, precision: Precision,
-        log: Callable[[dict], None] = lambda row: None, batch_size_eval: int = 64) -> TrainResult:
+        log: Callable[[dict], None] = lambda row: None, batch_size_eval: int = 64,
+        world: World = SINGLE, cache_precision: Precision | None = None) -> TrainResult:
     """Train `model` in place and leave it holding the best epoch's weights (by validation MAP@R).
 
     Args:
@@ -100,24 +109,36 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
         val_triplets: [n, 3] fixed validation triplets (rows of `val`).
         params: the `train` section.
         precision: device and autocast settings.
-        log: called with each epoch's metrics (the stage sends them to DVCLive).
+        log: called with each epoch's metrics (the stage sends them to DVCLive); rank 0 only.
+        world: this process's place among several (inside an initialised process group), or
+            the single-process default.
+        cache_precision: the inference precision for filling the frozen-prefix cache (default:
+            `precision`); bf16 inference can pay off where bf16 training steps do not.
 
     Returns:
         Per-epoch history, the best epoch (1-based) and its metrics.
     """
     device = precision.device
-    loss_fn = build_loss(params.loss, params.margin).to(device)
-    miner = build_miner(params.miner, params.margin, params.loss)
+    base_loss = build_loss(params.loss, params.margin).to(device)
+    loss_fn, miner = base_loss, build_miner(params.miner, params.margin, params.loss)
+    cross = world.distributed and params.cross_rank_negatives
+    if cross and schedule.triplets:
+        raise UserError("train.cross_rank_negatives: fixed triplets already name their negatives; "
+                        "set triplets.sampler: pk or train.cross_rank_negatives: false")
+    if cross:
+        loss_fn, miner = distributed.cross_rank(loss_fn, miner)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     train_labels = torch.as_tensor(train.labels, device=device)
     views = params.augment_views if params.augment else 0
     cache = None
     if not params.augment or views:
-        cache = _cache_frozen_prefix(model, prep, precision, train, val, batch_size_eval, views, params.seed)
+        cache = _cache_frozen_prefix(model, prep, cache_precision or precision, train, val, batch_size_eval,
+                                     views, params.seed)
     cached = cache is not None
     if cached:
         trainable, features, val_features = cache  # features: [views or 1, n, ...]
+    net = distributed.wrap(trainable if cached else model, world, device)
 
     steps_per_epoch = len(schedule.epochs[0])
     optimizer = _optimizer(model, params)
@@ -130,15 +151,19 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
     for epoch, steps in enumerate(schedule.epochs[: params.epochs], start=1):
         model.train()
         losses = []
-        for step, (images, rows, inverse) in enumerate(_step_source(steps, train, prep, params, epoch, cached)):
+        shares = [share_of(rows, train.labels, schedule.triplets, world.rank, world.size, cross)
+                  for rows in steps]
+        source = _step_source([s.rows for s in shares], train, prep, params, epoch, cached)
+        for step, (images, rows, inverse) in enumerate(source):
             with precision.autocast():
                 if cached:
                     unique, inverse = torch.unique(rows, return_inverse=True)
-                    view = _views_for(len(unique), len(features), params.seed, epoch, step).to(device)
-                    batch = features[view, unique.to(device)]
-                    emb = trainable(_as_input(batch, memory_format))[inverse.to(device)]
+                    view = _views_for(steps[step], unique, len(features), params.seed, epoch, step)
+                    batch = features[view.to(device), unique.to(device)]
+                    batch = _for(batch, precision)
+                    emb = net(_as_input(batch, memory_format))[inverse.to(device)]
                 else:
-                    out = model(images.to(device).contiguous(memory_format=memory_format))
+                    out = net(images.to(device).contiguous(memory_format=memory_format))
                     emb = out[inverse.to(device)]
             emb = emb.float()
             labels = train_labels[rows.to(device)]
@@ -146,28 +171,35 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
                 indices = _triplet_indices(len(rows) // 3, device)
             else:
                 indices = miner(emb, labels) if miner is not None else None
-            loss = loss_fn(emb, labels, indices)
+            loss = loss_fn(emb, labels, indices) * shares[step].weight
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            losses.append(float(loss.detach()))
+            # the cross-rank wrapper returns world x the whole step's loss; shares are weighted so
+            # that the mean over ranks is the step's loss
+            losses.append(float(loss.detach()) / (world.size if cross else 1))
+
+        distributed.sync_buffers(net, world)
 
         if cached:
             model.eval()
             with torch.inference_mode(), precision.autocast():
-                val_raw = torch.cat([trainable(_as_input(val_features[i : i + batch_size_eval], memory_format)).float()
+                val_raw = torch.cat([trainable(_as_input(_for(val_features[i : i + batch_size_eval], precision),
+                                                         memory_format)).float()
                                      for i in range(0, len(val_features), batch_size_eval)])
         else:
             val_raw = torch.from_numpy(
                 Embedder(model, prep, precision, batch_size_eval, normalize=False).embed_encoded(val.encoded)
             ).to(device)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0]}
-        row.update(_validate(val_raw, val.labels, val_triplets, loss_fn))
+        train_loss = distributed.mean_over_ranks(float(np.mean(losses)), world, device)
+        row = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
+        row.update(_validate(val_raw, val.labels, val_triplets, base_loss))
         row["seconds"] = round(time.perf_counter() - started, 2)
         result.history.append(row)
-        log(row)
+        if world.main:
+            log(row)
         if best_state is None or row[MONITOR] > result.best[MONITOR]:
             result.best_epoch, result.best = epoch, dict(row)
             best_state = copy.deepcopy(model.state_dict())
@@ -178,16 +210,28 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
     return result
 
 
+def _for(batch: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """Cached outputs (maybe bf16) as the trainable part's input dtype (fp32 without autocast)."""
+    return batch.float() if precision.dtype is None else batch
+
+
 def _as_input(batch: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     return batch.contiguous(memory_format=memory_format) if batch.dim() == 4 else batch
 
 
-def _views_for(n: int, n_views: int, seed: int, epoch: int, step: int) -> torch.Tensor:
-    """Which cached augmented view each of `n` rows uses in this step (seeded, worker-independent)."""
+def _views_for(step_rows: np.ndarray, unique: torch.Tensor, n_views: int, seed: int, epoch: int,
+               step: int) -> torch.Tensor:
+    """Which cached augmented view each of the sorted `unique` rows uses in this step.
+
+    Drawn (seeded) for every distinct row of the whole step, then picked for this process's rows,
+    so the views do not depend on worker count or on how the step is split over processes.
+    """
     if n_views == 1:
-        return torch.zeros(n, dtype=torch.long)
+        return torch.zeros(len(unique), dtype=torch.long)
+    every = np.unique(np.asarray(step_rows))
     generator = torch.Generator().manual_seed(hash((seed, epoch, step)) % 2**63)
-    return torch.randint(n_views, (n,), generator=generator)
+    draws = torch.randint(n_views, (len(every),), generator=generator)
+    return draws[torch.from_numpy(np.searchsorted(every, unique.numpy()))]
 
 
 def _cache_frozen_prefix(model: EmbeddingNet, prep: Preprocessing, precision: Precision, train: SplitImages,

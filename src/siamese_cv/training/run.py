@@ -1,11 +1,17 @@
-"""The train stage's body: load data and weights, fit, and save a self-describing checkpoint."""
+"""The train stage's body: load data and weights, fit, and save a self-describing checkpoint.
+
+With several processes every rank runs this with its `World`; rank 0 alone logs to DVCLive and
+writes the checkpoint, from the unwrapped model, so it is the same files as a one-process run.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from typing import Any
 
 import numpy as np
+import torch
 
 from siamese_cv import __version__, paths
 from siamese_cv.data.parquet import read_table
@@ -14,6 +20,7 @@ from siamese_cv.hardware import resolve_device, resolve_precision, seed_everythi
 from siamese_cv.models.pretrained import load_pretrained
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing, save_checkpoint
 from siamese_cv.params import Params, parse_freeze
+from siamese_cv.training.distributed import SINGLE, World
 from siamese_cv.training.loop import Schedule, SplitImages, fit
 
 
@@ -39,11 +46,17 @@ def preprocessing_of(params: Params, card: dict[str, Any]) -> Preprocessing:
                          tuple(card["mean"]), tuple(card["std"]))
 
 
-def train_and_save(params: Params) -> dict[str, Any]:
+def train_and_save(params: Params, world: World = SINGLE,
+                   device: torch.device | None = None) -> dict[str, Any]:
     """Train as `params` says and write models/model.safetensors + models/config.json.
 
+    Args:
+        params: all parameters.
+        world: this process's place in a multi-process run (inside its process group).
+        device: this rank's device; None resolves `train.device`.
+
     Returns:
-        The config written, including the per-epoch history and the best epoch.
+        The config (written by rank 0), including the per-epoch history and the best epoch.
     """
     tp = params.train
     seed_everything(tp.seed)
@@ -53,11 +66,13 @@ def train_and_save(params: Params) -> dict[str, Any]:
     prep = preprocessing_of(params, card)
     steps, are_triplets = read_schedule(paths.TRIPLETS, tp.batch_size)
     val_triplets, _ = read_triplets(paths.TRIPLETS / "validation.parquet")
-    precision = resolve_precision(tp.precision, resolve_device(tp.device))
+    precision = resolve_precision(tp.precision, device or resolve_device(tp.device))
 
     from dvclive import Live
 
-    with Live(str(paths.TRAIN_LOG), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+    logger = (Live(str(paths.TRAIN_LOG), dvcyaml=None, save_dvc_exp=False, report=None)
+              if world.main else contextlib.nullcontext())
+    with logger as live:
         def log(row: dict) -> None:
             for key, value in row.items():
                 if key != "epoch":
@@ -66,7 +81,8 @@ def train_and_save(params: Params) -> dict[str, Any]:
 
         result = fit(model, prep, load_split("train"), load_split("validation"),
                      Schedule(steps, are_triplets), val_triplets, tp, precision, log,
-                     batch_size_eval=params.evaluate.batch_size)
+                     batch_size_eval=params.evaluate.batch_size, world=world,
+                     cache_precision=resolve_precision(params.evaluate.precision, precision.device))
 
     config = {
         "backbone": card["backbone"],
@@ -79,6 +95,7 @@ def train_and_save(params: Params) -> dict[str, Any]:
         "train": params.train.__dict__ | {"sampler": params.triplets.sampler},
         "precision": precision.name,
         "device": str(precision.device),
+        "world_size": world.size,
         "cached_features": result.cached_features,
         "best_epoch": result.best_epoch,
         "best": result.best,
@@ -86,5 +103,6 @@ def train_and_save(params: Params) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 1),
         "versions": library_versions(),
     }
-    save_checkpoint(model, config, paths.MODEL)
+    if world.main:
+        save_checkpoint(model, config, paths.MODEL)
     return config
