@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ DEFAULT_HF_REVISION = "refs/convert/parquet"
 _OFFLINE_HINT = "run the offline profile on a local folder: make repro-offline DATA=<image folder>"
 
 
+def _hub_resolves() -> bool:
+    """Whether the hub's host name resolves: a machine without network fails this at once."""
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
 def _open_hf(
     spec: str,
     fraction: float,
@@ -26,10 +39,14 @@ def _open_hf(
     base_dir: Path,
     sleep: Callable[[float], None],
 ) -> tuple[SourceInfo, Iterator[Record]]:
-    import datasets  # heavy (about a second); only hub sources pay for it
-
     local = Path(spec).expanduser()
     local = local if local.is_absolute() else base_dir / local
+    if not (spec and local.is_dir()) and not _hub_resolves():
+        # No DNS for the hub: work from the local cache only, instead of minutes of retries.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        retries = 0
+    import datasets  # heavy (about a second); only hub sources pay for it
+
     if spec and local.is_dir():
         location, name, kwargs = str(local.resolve()), str(local.resolve()), {}
     else:
