@@ -309,6 +309,34 @@ def test_hf_without_validation_gets_a_slice(hf_cache: Path) -> None:
     assert len([r for r in records if r.split == "train"]) == 6
 
 
+@pytest.fixture
+def hub_resolves(monkeypatch):
+    """Pretend the hub's name resolves, so the retry path runs on this offline machine."""
+    from siamese_cv.data.sources import hub
+
+    monkeypatch.setattr(hub, "_hub_resolves", lambda: True)
+
+
+def test_no_dns_means_offline_at_once_without_retries(monkeypatch, tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    from siamese_cv.data.sources import hub
+
+    monkeypatch.setattr(hub, "_hub_resolves", lambda: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls: list[str | None] = []
+
+    def offline(*args, **kwargs):
+        calls.append(os.environ.get("HF_HUB_OFFLINE"))
+        raise ConnectionError("Couldn't reach 'Matthijs/snacks' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    sleeps: list[float] = []
+    with pytest.raises(UserError, match="make repro-offline"):
+        _open("hf:Matthijs/snacks", tmp_path, retries=3, sleep=sleeps.append)
+    assert calls == ["1"] and sleeps == []
+
+
+@pytest.mark.usefixtures("hub_resolves")
 def test_hf_offline_retries_then_one_user_error(monkeypatch, tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     calls: list[tuple] = []
@@ -329,6 +357,7 @@ def test_hf_offline_retries_then_one_user_error(monkeypatch, tmp_path: Path) -> 
     assert message.endswith("make repro-offline DATA=<image folder>")
 
 
+@pytest.mark.usefixtures("hub_resolves")
 def test_hf_not_found_is_not_retried(monkeypatch, tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
 
@@ -345,6 +374,7 @@ def test_hf_not_found_is_not_retried(monkeypatch, tmp_path: Path) -> None:
     assert sleeps == []
 
 
+@pytest.mark.usefixtures("hub_resolves")
 def test_hf_transient_error_then_success(monkeypatch, hf_cache: Path) -> None:
     datasets = pytest.importorskip("datasets")
     _stand_in(hf_cache / "hub", {"train": [0, 1, 0, 1], "test": [0]})
