@@ -42,8 +42,10 @@ def machine_line() -> str:
     except ImportError:
         torch_version = "not installed"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"machine: {cpu_model()}; {cores} cores usable; load average {load}; "
-            f"torch {torch_version}; numpy {np.__version__}; Python {platform.python_version()}")
+    return (
+        f"machine: {cpu_model()}; {cores} cores usable; load average {load}; "
+        f"torch {torch_version}; numpy {np.__version__}; Python {platform.python_version()}"
+    )
 
 
 def food10_files(n: int) -> list[tuple[str, str, Path]]:
@@ -54,8 +56,11 @@ def food10_files(n: int) -> list[tuple[str, str, Path]]:
     """
     if not (FOOD10 / "train").is_dir():
         raise SystemExit(f"food10 not found at {FOOD10}; set SIAMESE_CV_FOOD10 to its folder")
-    every = sorted((split, path.parent.name, path) for split in ("train", "test")
-                   for path in (FOOD10 / split).glob("*/*.jpg"))
+    every = sorted(
+        (split, path.parent.name, path)
+        for split in ("train", "test")
+        for path in (FOOD10 / split).glob("*/*.jpg")
+    )
     if n > len(every):
         raise SystemExit(f"asked for {n} images, food10 has {len(every)}; lower --images")
     step = len(every) / n
@@ -95,8 +100,10 @@ def print_table(title: str, rows: Sequence[Row], notes: Sequence[str] = ()) -> N
     print(head)
     print("-" * len(head))
     for row in rows:
-        print(f"{row.figure:<44} {_num(row.project):>12} {_num(row.baseline):>12} "
-              f"{row.unit:<10} {row.ratio:>7.2f}x")
+        print(
+            f"{row.figure:<44} {_num(row.project):>12} {_num(row.baseline):>12} "
+            f"{row.unit:<10} {row.ratio:>7.2f}x"
+        )
     for note in notes:
         print(f"  * {note}")
 

@@ -52,9 +52,17 @@ def build_processed(n: int, path: Path) -> None:
     """A processed split of `n` food10 photos, made as the preprocess stage makes them."""
     files = food10_files(n)
     labels = {name: i for i, name in enumerate(sorted({label for _, label, _ in files}))}
-    rows = ({"id": f"{split}/{label}/{file.name}", "label": labels[label], "label_name": label,
-             "image": prepare_image(file.read_bytes(), IMAGE_SIZE, "stretch", "jpeg", 95),
-             "width": IMAGE_SIZE, "height": IMAGE_SIZE} for split, label, file in files)
+    rows = (
+        {
+            "id": f"{split}/{label}/{file.name}",
+            "label": labels[label],
+            "label_name": label,
+            "image": prepare_image(file.read_bytes(), IMAGE_SIZE, "stretch", "jpeg", 95),
+            "width": IMAGE_SIZE,
+            "height": IMAGE_SIZE,
+        }
+        for split, label, file in files
+    )
     write_rows(path, PROCESSED_SCHEMA, rows, 256)
 
 
@@ -133,10 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 images instead of 256")
     parser.add_argument("--images", type=int, help="how many food10 photos (default 256)")
-    parser.add_argument("--backbone", default="efficientnet_lite2",
-                        help="a registered backbone (default efficientnet_lite2; e.g. resnet50)")
-    parser.add_argument("--random-init", action="store_true",
-                        help="skip the ImageNet weights (speed does not depend on them)")
+    parser.add_argument(
+        "--backbone",
+        default="efficientnet_lite2",
+        help="a registered backbone (default efficientnet_lite2; e.g. resnet50)",
+    )
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="skip the ImageNet weights (speed does not depend on them)",
+    )
     args = parser.parse_args(argv)
     n = args.images or (64 if args.quick else 256)
     n_original = min(n, 16 if args.quick else 64)
@@ -163,21 +177,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     cosine = np.sum(project * reference, axis=1)
     ok = bool(cosine.min() >= MIN_COSINE)
     rows = [
-        Row(f"Embedder {precision.name} b{BATCH} vs (A) original b1", n / project_s,
-            n_original / original_s, "images/s"),
-        Row(f"Embedder {precision.name} b{BATCH} vs (B) DataLoader fp32", n / project_s,
-            n / loader_s, "images/s"),
+        Row(
+            f"Embedder {precision.name} b{BATCH} vs (A) original b1",
+            n / project_s,
+            n_original / original_s,
+            "images/s",
+        ),
+        Row(
+            f"Embedder {precision.name} b{BATCH} vs (B) DataLoader fp32",
+            n / project_s,
+            n / loader_s,
+            "images/s",
+        ),
     ]
-    print_table(f"bench_embedding: {args.backbone} ({weights}), {n} images at {IMAGE_SIZE} px",
-                rows, [
-                    "(A) batch 1, fp32, eager, eval mode, autograd on (the original's path); "
-                    f"rate over the first {n_original} images",
-                    f"(B) DataLoader with 2 workers, batch {BATCH}, fp32, torch.no_grad()",
-                    f"project precision: {precision.name}, channels_last {precision.channels_last};"
-                    f" torch threads {torch.get_num_threads()}; each path warmed once, untimed",
-                    f"accuracy guard: cosine(project, fp32) mean {cosine.mean():.5f}, min "
-                    f"{cosine.min():.5f} (must be >= {MIN_COSINE}): {'PASS' if ok else 'FAIL'}",
-                ])
+    print_table(
+        f"bench_embedding: {args.backbone} ({weights}), {n} images at {IMAGE_SIZE} px",
+        rows,
+        [
+            "(A) batch 1, fp32, eager, eval mode, autograd on (the original's path); "
+            f"rate over the first {n_original} images",
+            f"(B) DataLoader with 2 workers, batch {BATCH}, fp32, torch.no_grad()",
+            f"project precision: {precision.name}, channels_last {precision.channels_last};"
+            f" torch threads {torch.get_num_threads()}; each path warmed once, untimed",
+            f"accuracy guard: cosine(project, fp32) mean {cosine.mean():.5f}, min "
+            f"{cosine.min():.5f} (must be >= {MIN_COSINE}): {'PASS' if ok else 'FAIL'}",
+        ],
+    )
     return 0 if ok else 1
 
 

@@ -40,8 +40,18 @@ def link_folder(files: list[tuple[str, str, Path]], root: Path) -> Path:
 def build_raw(folder: Path, raw_dir: Path) -> int:
     """data/raw for `folder`, as stages/download.py writes it; returns the image count."""
     _, records = open_source(str(folder), val_fraction=0.1, seed=42, retries=0, base_dir=folder)
-    rows = ({"id": r.id, "split": r.split, "label": r.label, "label_name": r.label_name,
-             "source": r.source, "image": r.image, "error": r.error} for r in records)
+    rows = (
+        {
+            "id": r.id,
+            "split": r.split,
+            "label": r.label,
+            "label_name": r.label_name,
+            "source": r.source,
+            "image": r.image,
+            "error": r.error,
+        }
+        for r in records
+    )
     raw_dir.mkdir()
     return sum(write_splits(raw_dir, RAW_SCHEMA, rows, 256, SPLITS).values())
 
@@ -86,14 +96,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         Row("preprocess_splits, 1 worker", kept / one_s, n / baseline_s, "images/s"),
     ]
     title = f"bench_preprocess: {n} food10 photos -> {params.image_size} px JPEG q{params.quality}"
-    print_table(title, rows, [
-        "baseline: one process, PIL open + convert RGB + resize + save JPEG q95, file by file",
-        "project: raw parquet -> processed parquet; safe decode (EXIF, reduced-size JPEG decode "
-        f"when the shorter side is >= {2 * params.image_size} px), BICUBIC resize, "
-        "metadata-free JPEG with optimize=True",
-        f"source photos: shorter side median {sides[len(sides) // 2]} px, max {sides[-1]} px",
-        f"kept {kept} of {images} images; building the raw parquet is not timed",
-    ])
+    print_table(
+        title,
+        rows,
+        [
+            "baseline: one process, PIL open + convert RGB + resize + save JPEG q95, file by file",
+            "project: raw parquet -> processed parquet; safe decode (EXIF, reduced-size JPEG decode "
+            f"when the shorter side is >= {2 * params.image_size} px), BICUBIC resize, "
+            "metadata-free JPEG with optimize=True",
+            f"source photos: shorter side median {sides[len(sides) // 2]} px, max {sides[-1]} px",
+            f"kept {kept} of {images} images; building the raw parquet is not timed",
+        ],
+    )
     return 0
 
 

@@ -93,27 +93,57 @@ def bench_gallery(n: int, seed: int) -> tuple[list[Row], list[str]]:
     found, _ = ivf.search(queries, K)
     label = f"{n:,}"
     rows = [
-        Row(f"{label}: exact p50 vs loop p50", percentile(exact_ms, 50), percentile(loop_ms, 50),
-            "ms", higher_is_better=False),
-        Row(f"{label}: exact p95 vs loop p95", percentile(exact_ms, 95), percentile(loop_ms, 95),
-            "ms", higher_is_better=False),
-        Row(f"{label}: ivf p50 vs loop p50", percentile(ivf_ms, 50), percentile(loop_ms, 50),
-            "ms", higher_is_better=False),
-        Row(f"{label}: ivf p95 vs loop p95", percentile(ivf_ms, 95), percentile(loop_ms, 95),
-            "ms", higher_is_better=False),
-        Row(f"{label}: ivf p50 vs exact p50", percentile(ivf_ms, 50), percentile(exact_ms, 50),
-            "ms", higher_is_better=False),
+        Row(
+            f"{label}: exact p50 vs loop p50",
+            percentile(exact_ms, 50),
+            percentile(loop_ms, 50),
+            "ms",
+            higher_is_better=False,
+        ),
+        Row(
+            f"{label}: exact p95 vs loop p95",
+            percentile(exact_ms, 95),
+            percentile(loop_ms, 95),
+            "ms",
+            higher_is_better=False,
+        ),
+        Row(
+            f"{label}: ivf p50 vs loop p50",
+            percentile(ivf_ms, 50),
+            percentile(loop_ms, 50),
+            "ms",
+            higher_is_better=False,
+        ),
+        Row(
+            f"{label}: ivf p95 vs loop p95",
+            percentile(ivf_ms, 95),
+            percentile(loop_ms, 95),
+            "ms",
+            higher_is_better=False,
+        ),
+        Row(
+            f"{label}: ivf p50 vs exact p50",
+            percentile(ivf_ms, 50),
+            percentile(exact_ms, 50),
+            "ms",
+            higher_is_better=False,
+        ),
     ]
-    loop_how = ("the whole gallery" if scale == 1 else
-                f"the first {rows_looped:,} vectors, scaled x{scale:g} to {n:,} (extrapolated)")
+    loop_how = (
+        "the whole gallery"
+        if scale == 1
+        else f"the first {rows_looped:,} vectors, scaled x{scale:g} to {n:,} (extrapolated)"
+    )
     notes = [
         f"{label}: ivf recall@{K} vs exact over {QUERIES} queries: {recall_at_k(truth, found):.3f};"
         f" {_describe(ivf)}; built in {build_s:.1f} s (k-means on a seeded sample + adding all)",
         f"{label}: loop timed over {LOOP_QUERIES} queries on {loop_how}",
     ]
     if scale == 1:
-        agrees = all(naive_search(gallery, q, K) == list(t)
-                     for q, t in zip(queries[:5], truth[:5], strict=True))
+        agrees = all(
+            naive_search(gallery, q, K) == list(t)
+            for q, t in zip(queries[:5], truth[:5], strict=True)
+        )
         notes.append(f"{label}: loop top-{K} equals exact top-{K} on 5 queries: {agrees}")
     return rows, notes
 
@@ -131,8 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         more_rows, more_notes = bench_gallery(n, seed)
         rows += more_rows
         notes += more_notes
-    notes.append(f"{DIM}-d vectors, {PER_CENTRE} around each seeded direction; single-query "
-                 f"calls, top-{K}; ms = milliseconds per query; ratio = times faster")
+    notes.append(
+        f"{DIM}-d vectors, {PER_CENTRE} around each seeded direction; single-query "
+        f"calls, top-{K}; ms = milliseconds per query; ratio = times faster"
+    )
     print_table("bench_search: single-query latency", rows, notes)
     return 0
 

@@ -60,32 +60,50 @@ def main() -> None:
     steps = 2 if args.quick else 4
     prep = Preprocessing(244, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     files = food10_files(args.batch)
-    images = to_tensor([resize_image(Image.open(p).convert("RGB"), 244, "stretch") for _, _, p in files], prep)
+    images = to_tensor(
+        [resize_image(Image.open(p).convert("RGB"), 244, "stretch") for _, _, p in files], prep
+    )
     images = images.contiguous(memory_format=torch.channels_last)
     classes = sorted({c for _, c, _ in files})
     labels = torch.tensor([classes.index(c) for _, c, _ in files])
     state = get_backbone_spec("efficientnet_lite2").fetch_imagenet()
     bf16 = cpu_has_fast_bf16()
     rows, notes = [], []
-    for name, freeze in (("head only (freeze: all)", 10**6), ("last 2 stages (freeze: -2)", -2),
-                         ("last 3 stages (freeze: -3)", -3), ("full fine-tune (freeze: none)", None)):
+    for name, freeze in (
+        ("head only (freeze: all)", 10**6),
+        ("last 2 stages (freeze: -2)", -2),
+        ("last 3 stages (freeze: -3)", -3),
+        ("full fine-tune (freeze: none)", None),
+    ):
         model = model_for(freeze, state)
         plain_fp32 = step_seconds(model, images, labels, False, steps)
         if freeze is None:
             project = step_seconds(model, images, labels, bf16, steps)
-            rows.append(Row(f"{name}: bf16 vs fp32", args.batch / project, args.batch / plain_fp32, "img/s"))
+            rows.append(
+                Row(f"{name}: bf16 vs fp32", args.batch / project, args.batch / plain_fp32, "img/s")
+            )
             continue
         prefix, rest = model.split_frozen()
         start = time.perf_counter()
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             cached = prefix.eval()(images).float()
         fill = time.perf_counter() - start
-        cached = cached.contiguous(memory_format=torch.channels_last) if cached.dim() == 4 else cached
+        cached = (
+            cached.contiguous(memory_format=torch.channels_last) if cached.dim() == 4 else cached
+        )
         for label, use_bf16 in (("cached fp32", False), ("cached bf16", True))[: 2 if bf16 else 1]:
             seconds = step_seconds(rest, cached, labels, use_bf16, steps)
-            rows.append(Row(f"{name}: {label} vs plain fp32", args.batch / seconds, args.batch / plain_fp32,
-                            "img/s"))
-        notes.append(f"{name}: filling the cache runs at {args.batch / fill:.1f} img/s, once per run")
+            rows.append(
+                Row(
+                    f"{name}: {label} vs plain fp32",
+                    args.batch / seconds,
+                    args.batch / plain_fp32,
+                    "img/s",
+                )
+            )
+        notes.append(
+            f"{name}: filling the cache runs at {args.batch / fill:.1f} img/s, once per run"
+        )
     notes.append(f"bf16 autocast available: {bf16} (train.precision: auto uses it)")
     print_table(f"Training step throughput, efficientnet_lite2, batch {args.batch}", rows, notes)
 

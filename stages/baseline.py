@@ -24,15 +24,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     backbone, card = load_pretrained(paths.PRETRAINED)
     model = EmbeddingNet(backbone, "identity", backbone.feature_dim)
     precision = resolve_precision(params.evaluate.precision, resolve_device("auto"))
-    embedder = Embedder(model, preprocessing_of(params, card), precision, params.evaluate.batch_size)
+    embedder = Embedder(
+        model, preprocessing_of(params, card), precision, params.evaluate.batch_size
+    )
     test = load_test_set()
     test_emb, _ = embed_splits(embedder, ["test"])
     gallery_emb, gallery_labels = embed_splits(embedder, list(params.export.splits))
-    metrics = score_embeddings(test_emb, test, gallery_emb, gallery_labels, params.evaluate.recall_at)
-    metrics["model"] = f"{card['backbone']} ({card['weights']}), frozen, pooled {backbone.feature_dim}-d"
+    metrics = score_embeddings(
+        test_emb, test, gallery_emb, gallery_labels, params.evaluate.recall_at
+    )
+    metrics["model"] = (
+        f"{card['backbone']} ({card['weights']}), frozen, pooled {backbone.feature_dim}-d"
+    )
     write_json(paths.METRICS / "baseline.json", metrics)
-    print(f"baseline: triplet accuracy {metrics['triplet_accuracy']:.4f}, precision@1 "
-          f"{metrics['precision_at_1']:.4f}, MAP@R {metrics['map_at_r']:.4f}")
+    print(
+        f"baseline: triplet accuracy {metrics['triplet_accuracy']:.4f}, precision@1 "
+        f"{metrics['precision_at_1']:.4f}, MAP@R {metrics['map_at_r']:.4f}"
+    )
     return 0
 
 

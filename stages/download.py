@@ -22,21 +22,42 @@ from siamese_cv.stage import run_stage, stage_params
 
 def main(argv: Sequence[str] | None = None) -> int:
     params = stage_params(argv, __doc__)
-    info, records = open_source(params.data.source, val_fraction=params.data.val_fraction,
-                                seed=params.data.seed, retries=params.data.retries, base_dir=Path.cwd())
-    rows = ({"id": r.id, "split": r.split, "label": r.label, "label_name": r.label_name,
-             "source": r.source, "image": r.image, "error": r.error} for r in records)
+    info, records = open_source(
+        params.data.source,
+        val_fraction=params.data.val_fraction,
+        seed=params.data.seed,
+        retries=params.data.retries,
+        base_dir=Path.cwd(),
+    )
+    rows = (
+        {
+            "id": r.id,
+            "split": r.split,
+            "label": r.label,
+            "label_name": r.label_name,
+            "source": r.source,
+            "image": r.image,
+            "error": r.error,
+        }
+        for r in records
+    )
     with atomic_path(paths.RAW) as tmp:
         tmp.mkdir()
         counts = write_splits(tmp, RAW_SCHEMA, rows, 256, SPLITS)
         (tmp / "classes.json").write_text(json.dumps(info.class_names, indent=2) + "\n")
-        source = {"kind": info.kind, "location": info.location, "fingerprint": info.fingerprint,
-                  "counts": counts}
+        source = {
+            "kind": info.kind,
+            "location": info.location,
+            "fingerprint": info.fingerprint,
+            "counts": counts,
+        }
         (tmp / "source.json").write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
     card = resolve_pretrained(params.model, paths.PRETRAINED, params.data.seed)
-    print(f"download: {sum(counts.values())} images ({', '.join(f'{s} {n}' for s, n in counts.items())}) "
-          f"in {len(info.class_names)} classes from {info.kind} {info.location}; "
-          f"{card['backbone']} weights: {card['weights']}")
+    print(
+        f"download: {sum(counts.values())} images ({', '.join(f'{s} {n}' for s, n in counts.items())}) "
+        f"in {len(info.class_names)} classes from {info.kind} {info.location}; "
+        f"{card['backbone']} weights: {card['weights']}"
+    )
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
 from siamese_cv import paths
 from siamese_cv.data.parquet import read_table
 from siamese_cv.embedding import Embedder
@@ -25,23 +24,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = stage_params(argv, __doc__)
     model, config = load_checkpoint(paths.MODEL)
     precision = resolve_precision(params.evaluate.precision, resolve_device("auto"))
-    embedder = Embedder(model, Preprocessing.from_dict(config["preprocessing"]), precision,
-                        params.evaluate.batch_size)
+    embedder = Embedder(
+        model,
+        Preprocessing.from_dict(config["preprocessing"]),
+        precision,
+        params.evaluate.batch_size,
+    )
     test = load_test_set()
     test_emb, _ = embed_splits(embedder, ["test"])
     gallery = load_gallery(paths.GALLERY)
-    metrics = score_embeddings(test_emb, test, gallery.vectors, gallery.labels, params.evaluate.recall_at)
+    metrics = score_embeddings(
+        test_emb, test, gallery.vectors, gallery.labels, params.evaluate.recall_at
+    )
     metrics["baseline"] = read_json(paths.METRICS / "baseline.json")
     write_json(paths.TEST_METRICS, metrics)
-    test_images = read_table(paths.PROCESSED / "test.parquet", ["image"]).column("image").to_pylist()
+    test_images = (
+        read_table(paths.PROCESSED / "test.parquet", ["image"]).column("image").to_pylist()
+    )
     gallery_images = _gallery_images(gallery)
-    write_figures(paths.PLOTS, test_emb, test, test_images, gallery.vectors, gallery_images, gallery.label_names,
-                  top=min(10, params.export.top_k))
+    write_figures(
+        paths.PLOTS,
+        test_emb,
+        test,
+        test_images,
+        gallery.vectors,
+        gallery_images,
+        gallery.label_names,
+        top=min(10, params.export.top_k),
+    )
     base = metrics["baseline"]
-    print(f"evaluate: triplet accuracy {metrics['triplet_accuracy']:.4f} ± {metrics['triplet_accuracy_std']:.4f} "
-          f"(baseline {base['triplet_accuracy']:.4f}), precision@1 {metrics['precision_at_1']:.4f} "
-          f"(baseline {base['precision_at_1']:.4f}), MAP@R {metrics['map_at_r']:.4f} "
-          f"(baseline {base['map_at_r']:.4f})")
+    print(
+        f"evaluate: triplet accuracy {metrics['triplet_accuracy']:.4f} ± {metrics['triplet_accuracy_std']:.4f} "
+        f"(baseline {base['triplet_accuracy']:.4f}), precision@1 {metrics['precision_at_1']:.4f} "
+        f"(baseline {base['precision_at_1']:.4f}), MAP@R {metrics['map_at_r']:.4f} "
+        f"(baseline {base['map_at_r']:.4f})"
+    )
     return 0
 
 
@@ -50,7 +67,9 @@ def _gallery_images(gallery) -> list[bytes]:
     images: dict[str, bytes] = {}
     for split in dict.fromkeys(gallery.splits):
         table = read_table(paths.PROCESSED / f"{split}.parquet", ["id", "image"])
-        images.update(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+        images.update(
+            zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True)
+        )
     return [images[i] for i in gallery.ids]
 
 

@@ -35,12 +35,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels.append(table.column("label").to_numpy())
         names += table.column("label_name").to_pylist()
     matrix = np.concatenate(vectors)
-    meta = {"model_fingerprint": config["fingerprint"], "backbone": config["backbone"], "dim": int(matrix.shape[1]),
-            "count": int(matrix.shape[0]), "splits": list(params.export.splits), "metric": "cosine",
-            "normalized": True, "preprocessing": prep.to_dict(), "precision": precision.name}
-    write_gallery(paths.GALLERY, gallery_table(ids, splits, np.concatenate(labels), names, matrix), meta)
-    print(f"export_gallery: {matrix.shape[0]} vectors of dimension {matrix.shape[1]} "
-          f"({', '.join(params.export.splits)}) -> {paths.GALLERY}")
+    meta = {
+        "model_fingerprint": config["fingerprint"],
+        "backbone": config["backbone"],
+        "dim": int(matrix.shape[1]),
+        "count": int(matrix.shape[0]),
+        "splits": list(params.export.splits),
+        "metric": "cosine",
+        "normalized": True,
+        "preprocessing": prep.to_dict(),
+        "precision": precision.name,
+    }
+    write_gallery(
+        paths.GALLERY, gallery_table(ids, splits, np.concatenate(labels), names, matrix), meta
+    )
+    print(
+        f"export_gallery: {matrix.shape[0]} vectors of dimension {matrix.shape[1]} "
+        f"({', '.join(params.export.splits)}) -> {paths.GALLERY}"
+    )
     return 0
 
 

@@ -22,10 +22,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(paths.DATA_REPORT, report)
     if report["problems"]:
         more = len(report["problems"]) - 1
-        raise UserError(report["problems"][0] + (f" ({more} more in {paths.DATA_REPORT})" if more else ""))
+        raise UserError(
+            report["problems"][0] + (f" ({more} more in {paths.DATA_REPORT})" if more else "")
+        )
     kept, skipped = report["kept"]["total"], report["skipped"]["total"]
-    print(f"preprocess: kept {kept} images, skipped {skipped}"
-          + (f" (reasons in {paths.DATA_REPORT})" if skipped else ""))
+    print(
+        f"preprocess: kept {kept} images, skipped {skipped}"
+        + (f" (reasons in {paths.DATA_REPORT})" if skipped else "")
+    )
     return 0
 
 

@@ -15,7 +15,9 @@ from siamese_cv.stage import run_stage, stage_params
 
 def main(argv: Sequence[str] | None = None) -> int:
     params = stage_params(argv, __doc__)
-    summary = write_triplet_tables(paths.PROCESSED, paths.TRIPLETS, params.triplets, params.train.epochs)
+    summary = write_triplet_tables(
+        paths.PROCESSED, paths.TRIPLETS, params.triplets, params.train.epochs
+    )
     print("sample_triplets: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
 

@@ -26,7 +26,10 @@ def make_folder(tmp_path: Path):
 
     def build(train: int = 6, test: int = 3, classes: int = 3, val: int = 0) -> Path:
         root = tmp_path / "photos"
-        layout = {"train": food10_photos("train", train + val, classes), "test": food10_photos("test", test, classes)}
+        layout = {
+            "train": food10_photos("train", train + val, classes),
+            "test": food10_photos("test", test, classes),
+        }
         for split, by_class in layout.items():
             for name, files in by_class.items():
                 for i, src in enumerate(files):

@@ -29,8 +29,12 @@ def test_atomic_directory_replaces_the_old_one(tmp_path):
 
 
 def test_a_killed_writers_leftover_goes_with_the_next_write(tmp_path):
-    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                            capture_output=True, text=True, check=True)
+    exited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead = int(exited.stdout)
     stale = tmp_path / f".tmp-out.json-{dead}-abcd1234"  # what a SIGKILL mid-write leaves
     mine = tmp_path / f".tmp-out.json-{os.getpid()}-abcd1234"  # this process may still be writing

@@ -22,7 +22,11 @@ def test_committed_params_are_the_original_recipe():
     assert params.model.backbone == "resnet50" and params.model.head == "seed"
     assert params.model.embedding_dim == 512
     assert (params.train.epochs, params.train.batch_size, params.train.lr) == (25, 32, 1e-4)
-    assert (params.train.loss, params.train.margin, params.train.optimizer) == ("triplet_l2sq", 1.0, "adam")
+    assert (params.train.loss, params.train.margin, params.train.optimizer) == (
+        "triplet_l2sq",
+        1.0,
+        "adam",
+    )
     assert params.preprocess.image_size == 244 and params.triplets.test_draws == 10
 
 
@@ -39,11 +43,20 @@ def test_defaults_fill_missing_sections(tmp_path):
         ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
         ({"train": {"colour": 1}}, "unknown key train.colour; known keys of train: epochs"),
         ({"extra": {}}, "unknown key extra"),
-        ({"model": {"backbone": "resnet51"}}, "model.backbone: unknown backbone 'resnet51'; known: "),
-        ({"preprocess": {"resize": "squash"}}, "preprocess.resize: 'squash' is not one of stretch, shorter_side_crop"),
+        (
+            {"model": {"backbone": "resnet51"}},
+            "model.backbone: unknown backbone 'resnet51'; known: ",
+        ),
+        (
+            {"preprocess": {"resize": "squash"}},
+            "preprocess.resize: 'squash' is not one of stretch, shorter_side_crop",
+        ),
         ({"train": {"freeze": "most"}}, "train.freeze: 'most' is not one of none, all"),
         ({"train": {"miner": "semihard"}}, "set triplets.sampler: pk"),
-        ({"export": {"splits": ["holdout"]}}, "export.splits: 'holdout' is not one of train, validation, test"),
+        (
+            {"export": {"splits": ["holdout"]}},
+            "export.splits: 'holdout' is not one of train, validation, test",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, message):
@@ -69,12 +82,27 @@ def test_check_command_prints_one_line_and_fails(tmp_path, capsys):
 def test_apply_profile_keeps_comments_and_validates(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text((ROOT / "params.yaml").read_text())
-    assert run_cli(params_main, ["apply", str(ROOT / "profiles/offline.yaml"), "--params", str(params),
-                                 "--set", "data.source=/some/folder"]) == 0
+    assert (
+        run_cli(
+            params_main,
+            [
+                "apply",
+                str(ROOT / "profiles/offline.yaml"),
+                "--params",
+                str(params),
+                "--set",
+                "data.source=/some/folder",
+            ],
+        )
+        == 0
+    )
     text = params.read_text()
     assert "# the dataset card's 244" in text
     loaded = load_params(params)
     assert loaded.model.backbone == "efficientnet_lite2" and loaded.data.source == "/some/folder"
     before = params.read_text()
-    assert run_cli(params_main, ["apply", "--params", str(params), "--set", "train.batch_size=-1"]) == 2
+    assert (
+        run_cli(params_main, ["apply", "--params", str(params), "--set", "train.batch_size=-1"])
+        == 2
+    )
     assert params.read_text() == before  # a bad override leaves the file as it was

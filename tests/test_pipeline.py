@@ -28,9 +28,15 @@ def test_every_output_is_written(project):
         table = pq.read_table(project / f"data/processed/{split}.parquet")
         assert set(table.column_names) >= {"id", "label", "label_name", "image", "width", "height"}
         assert set(table.column("width").to_pylist()) == {64}
-    assert pq.read_table(project / "data/processed/train.parquet").num_rows == 12  # 4 of 6 per class
+    assert (
+        pq.read_table(project / "data/processed/train.parquet").num_rows == 12
+    )  # 4 of 6 per class
     assert pq.read_table(project / "data/processed/validation.parquet").num_rows == 6
-    assert json.loads((project / "data/raw/classes.json").read_text()) == ["apple_pie", "baby_back_ribs", "baklava"]
+    assert json.loads((project / "data/raw/classes.json").read_text()) == [
+        "apple_pie",
+        "baby_back_ribs",
+        "baklava",
+    ]
     report = json.loads((project / "metrics/data_report.json").read_text())
     assert report["kept"]["total"] == 27 and report["skipped"]["total"] == 0
     triplets = pq.read_table(project / "data/triplets/test.parquet")
@@ -41,7 +47,11 @@ def test_every_output_is_written(project):
     assert (project / "models/model.safetensors").stat().st_size > 0
     gallery = pq.read_table(project / "data/gallery/embeddings.parquet")
     vector_type = gallery.schema.field("vector").type
-    assert gallery.num_rows == 12 and vector_type.list_size == 512 and str(vector_type.value_type) == "float"
+    assert (
+        gallery.num_rows == 12
+        and vector_type.list_size == 512
+        and str(vector_type.value_type) == "float"
+    )
     meta = json.loads((project / "data/gallery/meta.json").read_text())
     assert meta["model_fingerprint"] == config["fingerprint"] and meta["dim"] == 512
     assert (project / "metrics/train/metrics.json").is_file()
@@ -49,9 +59,20 @@ def test_every_output_is_written(project):
 
 def test_metrics_have_the_model_and_the_baseline(project):
     metrics = json.loads((project / "metrics/test.json").read_text())
-    keys = {"triplet_accuracy", "triplet_accuracy_std", "n_triplets", "precision_at_1", "recall_at_1",
-            "recall_at_5", "recall_at_10", "r_precision", "map_at_r", "gallery_precision_at_1",
-            "gallery_recall_at_5", "per_class"}
+    keys = {
+        "triplet_accuracy",
+        "triplet_accuracy_std",
+        "n_triplets",
+        "precision_at_1",
+        "recall_at_1",
+        "recall_at_5",
+        "recall_at_10",
+        "r_precision",
+        "map_at_r",
+        "gallery_precision_at_1",
+        "gallery_recall_at_5",
+        "per_class",
+    }
     assert keys <= set(metrics) and keys <= set(metrics["baseline"])
     assert metrics["n_triplets"] == 9 and 0.0 <= metrics["triplet_accuracy"] <= 1.0
     shown = run(project, "dvc", "metrics", "show").stdout
@@ -67,7 +88,9 @@ def test_search_finds_a_gallery_image_first(project):
     source = json.loads((project / "data/raw/source.json").read_text())
     first_id = pq.read_table(project / "data/gallery/embeddings.parquet").column("id")[5].as_py()
     photo = Path(source["location"]) / first_id
-    out = run(project, "siamese-search", str(photo), "--top", "3", "--json", "--grid", "grid.png").stdout
+    out = run(
+        project, "siamese-search", str(photo), "--top", "3", "--json", "--grid", "grid.png"
+    ).stdout
     hits = json.loads(out)
     assert hits[0]["id"].endswith(photo.name) and hits[0]["score"] > 0.99
     assert [h["rank"] for h in hits] == [1, 2, 3] and (project / "grid.png").stat().st_size > 0
@@ -77,7 +100,9 @@ def test_a_train_param_edit_reruns_only_what_it_touches(project):
     run(project, "siamese-params", "apply", "--set", "train.lr=0.0003")
     status = run(project, "dvc", "status").stdout
     assert "train:" in status
-    assert not any(f"{s}:" in status for s in ("download", "preprocess", "sample_triplets", "baseline"))
+    assert not any(
+        f"{s}:" in status for s in ("download", "preprocess", "sample_triplets", "baseline")
+    )
     out = run(project, "dvc", "repro").stdout
     assert ran(out) == {"train", "export_gallery", "evaluate"}, out
 
@@ -106,5 +131,7 @@ def test_push_then_pull_on_a_fresh_clone_needs_no_stage(project, tmp_path):
     assert ran(out) == set(), out
     first_id = pq.read_table(clone / "data/gallery/embeddings.parquet").column("id")[0].as_py()
     source = json.loads((clone / "data/raw/source.json").read_text())
-    hits = json.loads(run(clone, "siamese-search", str(Path(source["location"]) / first_id), "--json").stdout)
+    hits = json.loads(
+        run(clone, "siamese-search", str(Path(source["location"]) / first_id), "--json").stdout
+    )
     assert hits[0]["id"] == first_id

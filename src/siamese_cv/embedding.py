@@ -55,8 +55,14 @@ class Embedder:
         normalize: L2-normalise the outputs (True for every search/metric use).
     """
 
-    def __init__(self, model: nn.Module, prep: Preprocessing, precision: Precision,
-                 batch_size: int = 64, normalize: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        prep: Preprocessing,
+        precision: Precision,
+        batch_size: int = 64,
+        normalize: bool = True,
+    ):
         self.prep = prep
         self.precision = precision
         self.batch_size = batch_size
@@ -88,6 +94,7 @@ class Embedder:
 
     def embed_parquet(self, path: Path) -> np.ndarray:
         """Embed every image of a processed split, streaming it row group by row group."""
+
         def encoded() -> Iterator[bytes]:
             for batch in iter_batches(path, ["image"], self.batch_size):
                 yield from batch.column(0).to_pylist()

@@ -18,7 +18,9 @@ class ParamsError(UserError):
     """A key in params.yaml is unknown, mistyped or out of range."""
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+def run_cli(
+    main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
+) -> int:
     """Run a stage or command `main`, turning a `UserError` into one line on stderr and status 2."""
     try:
         return int(main(argv) or 0)

@@ -35,13 +35,15 @@ class Gallery:
 def gallery_table(ids, splits, labels, label_names, vectors: np.ndarray) -> pa.Table:
     dim = vectors.shape[1]
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
-    return pa.table({
-        "id": pa.array(ids, pa.string()),
-        "split": pa.array(splits, pa.string()),
-        "label": pa.array(np.asarray(labels, dtype=np.int32)),
-        "label_name": pa.array(label_names, pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
-    })
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "split": pa.array(splits, pa.string()),
+            "label": pa.array(np.asarray(labels, dtype=np.int32)),
+            "label_name": pa.array(label_names, pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+        }
+    )
 
 
 def write_gallery(directory: Path, table: pa.Table, meta: dict[str, Any]) -> None:
@@ -61,11 +63,15 @@ def load_gallery(directory: str | Path) -> Gallery:
     directory = Path(directory)
     path, meta_path = directory / EMBEDDINGS, directory / META
     if not path.is_file() or not meta_path.is_file():
-        raise UserError(f"{directory}: no gallery there; run `dvc repro export_gallery` (or `dvc pull`)")
+        raise UserError(
+            f"{directory}: no gallery there; run `dvc repro export_gallery` (or `dvc pull`)"
+        )
     table = pq.read_table(path)
     vectors = table.column("vector").combine_chunks()
     dim = vectors.type.list_size
-    matrix = np.array(vectors.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    matrix = np.array(vectors.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(
+        -1, dim
+    )
     return Gallery(
         ids=table.column("id").to_pylist(),
         splits=table.column("split").to_pylist(),

@@ -35,7 +35,9 @@ def resolve_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device: {requested!r} asked for, but no CUDA device is visible; use auto or cpu")
+        raise UserError(
+            f"train.device: {requested!r} asked for, but no CUDA device is visible; use auto or cpu"
+        )
     return torch.device(requested)
 
 

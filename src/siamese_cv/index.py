@@ -72,8 +72,9 @@ class Index(ABC):
         self.ntotal = ntotal
         self.dim = dim
 
-    def search(self, queries: np.ndarray, k: int,
-               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The `k` most similar vectors to each query row.
 
         Args:
@@ -97,13 +98,16 @@ class Index(ABC):
         if not np.isfinite(queries).all():
             raise ValueError("queries hold NaN or infinite values; check the query embedding")
         if queries.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {queries.shape[1]}, the index holds "
-                             f"{self.dim}-d vectors; embed them with the gallery's model")
+            raise ValueError(
+                f"queries have dimension {queries.shape[1]}, the index holds "
+                f"{self.dim}-d vectors; embed them with the gallery's model"
+            )
         return self._search(queries, min(k, self.ntotal), nprobe)
 
     @abstractmethod
-    def _search(self, queries: np.ndarray, k: int,
-                nprobe: int | None) -> tuple[np.ndarray, np.ndarray]: ...
+    def _search(
+        self, queries: np.ndarray, k: int, nprobe: int | None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
     def describe(self) -> str:
         return f"{self.kind} index of {self.ntotal} x {self.dim}"
@@ -118,11 +122,14 @@ class ExactIndex(Index):
         super().__init__(*vectors.shape)
         self.vectors = vectors
 
-    def _search(self, queries: np.ndarray, k: int,
-                nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, queries: np.ndarray, k: int, nprobe: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         if nprobe is not None:
-            raise ValueError("nprobe: an exact index has no lists to probe; drop nprobe or build "
-                             "the index with kind='ivf'")
+            raise ValueError(
+                "nprobe: an exact index has no lists to probe; drop nprobe or build "
+                "the index with kind='ivf'"
+            )
         index, score = top_k(self.vectors, queries, k)
         return index.astype(np.int64, copy=False), score.astype(np.float32, copy=False)
 
@@ -138,8 +145,9 @@ class IVFIndex(Index):
         self.nlist = nlist
         self.default_nprobe = default_nprobe
 
-    def _search(self, queries: np.ndarray, k: int,
-                nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(
+        self, queries: np.ndarray, k: int, nprobe: int | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         probe = min(nprobe or self.default_nprobe, self.nlist)
         scores, ids = self._faiss_search(queries, k, probe)
         short = np.flatnonzero((ids < 0).any(axis=1))
@@ -152,8 +160,9 @@ class IVFIndex(Index):
             raise RuntimeError(f"ivf index returned fewer than {k} of its {self.ntotal} vectors")
         return ids.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
 
-    def _faiss_search(self, queries: np.ndarray, k: int,
-                      nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    def _faiss_search(
+        self, queries: np.ndarray, k: int, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
         # The SWIG entry point directly: pytorch-metric-learning imports faiss.contrib.torch_utils,
@@ -161,8 +170,14 @@ class IVFIndex(Index):
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         scores = np.empty((len(queries), k), dtype=np.float32)
         ids = np.empty((len(queries), k), dtype=np.int64)
-        self.faiss_index.search_c(len(queries), faiss.swig_ptr(queries), k, faiss.swig_ptr(scores),
-                                  faiss.swig_ptr(ids), faiss.SearchParametersIVF(nprobe=nprobe))
+        self.faiss_index.search_c(
+            len(queries),
+            faiss.swig_ptr(queries),
+            k,
+            faiss.swig_ptr(scores),
+            faiss.swig_ptr(ids),
+            faiss.SearchParametersIVF(nprobe=nprobe),
+        )
         return scores, ids
 
     def describe(self) -> str:
@@ -174,8 +189,9 @@ def default_nlist(n: int) -> int:
     return max(1, min(n, round(4 * math.sqrt(n))))
 
 
-def build_index(vectors: np.ndarray, kind: str = "exact", nlist: int | None = None, *,
-                seed: int = 0) -> Index:
+def build_index(
+    vectors: np.ndarray, kind: str = "exact", nlist: int | None = None, *, seed: int = 0
+) -> Index:
     """Index the rows of `vectors` for cosine search.
 
     Args:
@@ -204,15 +220,18 @@ def _build_ivf(vectors: np.ndarray, nlist: int | None, seed: int) -> IVFIndex:
     try:
         import faiss
     except ImportError:
-        raise ImportError("the ivf index needs faiss-cpu (pinned in requirements.txt): run "
-                          "`make setup`, or use the exact index") from None
+        raise ImportError(
+            "the ivf index needs faiss-cpu (pinned in requirements.txt): run "
+            "`make setup`, or use the exact index"
+        ) from None
     n, dim = vectors.shape
     if nlist is not None and nlist < 1:
         raise ValueError(f"nlist: {nlist} must be at least 1")
     nlist = min(nlist or default_nlist(n), n)
     quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                          faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+    )
     sample_size = min(n, _TRAIN_POINTS_PER_LIST * nlist)
     rng = np.random.default_rng(seed)
     sample = vectors

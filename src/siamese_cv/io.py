@@ -46,7 +46,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 def _remove_leftovers(folder: Path, prefix: str) -> None:
     """Delete `<prefix><pid>-<random>` folders whose writing process is gone (killed earlier)."""
     for path in folder.glob(glob.escape(prefix) + "*"):
-        match = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", path.name[len(prefix):])
+        match = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", path.name[len(prefix) :])
         if match and path.is_dir() and not _alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
 

@@ -19,8 +19,15 @@ from siamese_cv.errors import ParamsError
 PARAMS_FILE = "params.yaml"
 
 
-def _opt(default: Any, *, choices: tuple | None = None, ge: float | None = None,
-         gt: float | None = None, le: float | None = None, doc: str = "") -> Any:
+def _opt(
+    default: Any,
+    *,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    doc: str = "",
+) -> Any:
     """A dataclass field with its allowed values recorded for validation and messages."""
     meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "doc": doc}
     if isinstance(default, list):
@@ -30,8 +37,12 @@ def _opt(default: Any, *, choices: tuple | None = None, ge: float | None = None,
 
 @dataclass(frozen=True)
 class DataParams:
-    source: str = _opt("hf:Matthijs/snacks", doc="hf:<id>[@revision], an image folder, or a CSV manifest")
-    val_fraction: float = _opt(0.1, gt=0.0, le=0.5, doc="share of train held out when the source has no validation split")
+    source: str = _opt(
+        "hf:Matthijs/snacks", doc="hf:<id>[@revision], an image folder, or a CSV manifest"
+    )
+    val_fraction: float = _opt(
+        0.1, gt=0.0, le=0.5, doc="share of train held out when the source has no validation split"
+    )
     seed: int = _opt(42, ge=0)
     retries: int = _opt(3, ge=0, doc="hub download retries on transient errors")
 
@@ -50,7 +61,11 @@ class PreprocessParams:
 class TripletParams:
     seed: int = _opt(42, ge=0)
     test_draws: int = _opt(10, ge=1)
-    sampler: str = _opt("random", choices=("random", "pk"), doc="random: the original's triplets; pk: class-balanced batches for online mining")
+    sampler: str = _opt(
+        "random",
+        choices=("random", "pk"),
+        doc="random: the original's triplets; pk: class-balanced batches for online mining",
+    )
     classes_per_batch: int = _opt(16, ge=2)
     samples_per_class: int = _opt(4, ge=2)
 
@@ -76,19 +91,36 @@ class TrainParams:
     loss: str = _opt("triplet_l2sq", choices=("triplet_l2sq", "triplet_cosine", "multi_similarity"))
     miner: str = _opt("none", choices=("none", "semihard", "batch_hard", "multi_similarity"))
     margin: float = _opt(1.0, ge=0.0)
-    freeze: str | int = _opt("none", doc="none | all | N: freeze the backbone's first N stages (negative N: all but the last -N)")
+    freeze: str | int = _opt(
+        "none",
+        doc="none | all | N: freeze the backbone's first N stages (negative N: all but the last -N)",
+    )
     augment: bool = _opt(False)
-    augment_views: int = _opt(4, ge=0, doc="with augment and frozen leading stages: precompute this many augmented views of each image through them (0: augment on the fly)")
+    augment_views: int = _opt(
+        4,
+        ge=0,
+        doc="with augment and frozen leading stages: precompute this many augmented views of each image through them (0: augment on the fly)",
+    )
     precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = _opt("auto", doc="auto | cpu | cuda | cuda:N")
     workers: int = _opt(2, ge=0)
     seed: int = _opt(42, ge=0)
-    devices: int = _opt(1, ge=1, doc="training processes per node, one per GPU (or CPU processes); "
-                        "> 1 relaunches the stage through torch.distributed")
-    nodes: int = _opt(1, ge=1, doc="machines; > 1: start the stage on every node with torchrun "
-                      "(docs/distributed.md)")
-    cross_rank_negatives: bool = _opt(False, doc="pk batches on several processes: mine and "
-                                      "score against every process's embeddings, not only its own")
+    devices: int = _opt(
+        1,
+        ge=1,
+        doc="training processes per node, one per GPU (or CPU processes); "
+        "> 1 relaunches the stage through torch.distributed",
+    )
+    nodes: int = _opt(
+        1,
+        ge=1,
+        doc="machines; > 1: start the stage on every node with torchrun (docs/distributed.md)",
+    )
+    cross_rank_negatives: bool = _opt(
+        False,
+        doc="pk batches on several processes: mine and "
+        "score against every process's embeddings, not only its own",
+    )
 
 
 @dataclass(frozen=True)
@@ -145,8 +177,11 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-    for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                            ("le", lambda v, b: v <= b, "<=")):
+    for bound, ok, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+    ):
         limit = meta.get(bound)
         if limit is not None and not ok(value, limit):
             raise ParamsError(f"{key}: {value!r} must be {word} {limit}")
@@ -197,12 +232,18 @@ def _check_cross(params: Params) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ParamsError(f"evaluate.recall_at: {k!r} must be a positive integer")
     device = params.train.device
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+    if device not in ("auto", "cpu", "cuda") and not (
+        device.startswith("cuda:") and device[5:].isdigit()
+    ):
         raise ParamsError(f"train.device: {device!r} is not one of auto, cpu, cuda, cuda:N")
     if params.train.miner != "none" and params.triplets.sampler != "pk":
-        raise ParamsError(f"train.miner: {params.train.miner!r} mines inside class-balanced batches; set triplets.sampler: pk")
+        raise ParamsError(
+            f"train.miner: {params.train.miner!r} mines inside class-balanced batches; set triplets.sampler: pk"
+        )
     if params.train.loss == "multi_similarity" and params.triplets.sampler != "pk":
-        raise ParamsError("train.loss: multi_similarity needs class-balanced batches; set triplets.sampler: pk")
+        raise ParamsError(
+            "train.loss: multi_similarity needs class-balanced batches; set triplets.sampler: pk"
+        )
     _check_distributed(params)
 
 
@@ -210,24 +251,32 @@ def _check_distributed(params: Params) -> None:
     """Several processes split each step's rows: every process must get whole classes to compare."""
     train, world = params.train, params.train.devices * params.train.nodes
     if train.cross_rank_negatives and params.triplets.sampler != "pk":
-        raise ParamsError("train.cross_rank_negatives: the random sampler's triplets already name "
-                          "their negatives; set triplets.sampler: pk or "
-                          "train.cross_rank_negatives: false")
+        raise ParamsError(
+            "train.cross_rank_negatives: the random sampler's triplets already name "
+            "their negatives; set triplets.sampler: pk or "
+            "train.cross_rank_negatives: false"
+        )
     if train.devices > 1 and train.device.startswith("cuda:"):
-        raise ParamsError(f"train.device: {train.device!r} names one GPU but train.devices: "
-                          f"{train.devices} uses one GPU per process; set train.device: cuda "
-                          "or auto")
+        raise ParamsError(
+            f"train.device: {train.device!r} names one GPU but train.devices: "
+            f"{train.devices} uses one GPU per process; set train.device: cuda "
+            "or auto"
+        )
     if world == 1 or params.triplets.sampler != "pk":
         return
     classes = params.triplets.classes_per_batch
     if classes % world:
-        raise ParamsError(f"triplets.classes_per_batch: {classes} classes do not split evenly over "
-                          f"train.devices x train.nodes = {world} processes; make it a multiple "
-                          f"of {world}")
+        raise ParamsError(
+            f"triplets.classes_per_batch: {classes} classes do not split evenly over "
+            f"train.devices x train.nodes = {world} processes; make it a multiple "
+            f"of {world}"
+        )
     if classes // world < 2 and not train.cross_rank_negatives:
-        raise ParamsError(f"triplets.classes_per_batch: {classes} over {world} processes leaves "
-                          f"one class per process, so no negatives; raise it to {2 * world} or "
-                          "more, or set train.cross_rank_negatives: true")
+        raise ParamsError(
+            f"triplets.classes_per_batch: {classes} over {world} processes leaves "
+            f"one class per process, so no negatives; raise it to {2 * world} or "
+            "more, or set train.cross_rank_negatives: true"
+        )
 
 
 def parse_freeze(value: str | int) -> int | None:
@@ -271,4 +320,3 @@ def load_params(path: str | Path = PARAMS_FILE, *, check: bool = True) -> Params
     if check:
         _check_cross(params)
     return params
-

@@ -92,8 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate params.yaml (types, ranges, known keys, paths)")
     check.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
-    apply = sub.add_parser("apply", help="write a profile's overrides (and --set key=value) into params.yaml")
-    apply.add_argument("profile", type=Path, nargs="?", help="a YAML file of overrides, e.g. profiles/offline.yaml")
+    apply = sub.add_parser(
+        "apply", help="write a profile's overrides (and --set key=value) into params.yaml"
+    )
+    apply.add_argument(
+        "profile", type=Path, nargs="?", help="a YAML file of overrides, e.g. profiles/offline.yaml"
+    )
     apply.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     apply.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
     args = parser.parse_args(argv)
@@ -108,7 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides += _flatten(yaml.safe_load(args.profile.read_text(encoding="utf-8")) or {})
     overrides += [_parse_override(text) for text in args.set]
     apply_overrides(args.params, overrides)
-    print(f"{args.params}: applied {len(overrides)} settings" + (f" from {args.profile}" if args.profile else ""))
+    print(
+        f"{args.params}: applied {len(overrides)} settings"
+        + (f" from {args.profile}" if args.profile else "")
+    )
     return 0
 
 

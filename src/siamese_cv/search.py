@@ -33,8 +33,13 @@ class Hit:
     score: float
 
 
-def search_gallery(gallery: Gallery, query_vector: np.ndarray, k: int, index: Index | None = None,
-                   nprobe: int | None = None) -> list[Hit]:
+def search_gallery(
+    gallery: Gallery,
+    query_vector: np.ndarray,
+    k: int,
+    index: Index | None = None,
+    nprobe: int | None = None,
+) -> list[Hit]:
     """The gallery's `k` best hits for one query vector.
 
     Args:
@@ -47,11 +52,15 @@ def search_gallery(gallery: Gallery, query_vector: np.ndarray, k: int, index: In
         ids, scores = top_k(gallery.vectors, query_vector, k)
     else:
         if index.ntotal != len(gallery.ids):
-            raise ValueError(f"the index holds {index.ntotal} vectors, the gallery "
-                             f"{len(gallery.ids)}; build the index from this gallery's vectors")
+            raise ValueError(
+                f"the index holds {index.ntotal} vectors, the gallery "
+                f"{len(gallery.ids)}; build the index from this gallery's vectors"
+            )
         ids, scores = index.search(query_vector, k, nprobe=nprobe)
-    return [Hit(r + 1, gallery.ids[i], gallery.label_names[i], float(s))
-            for r, (i, s) in enumerate(zip(ids[0], scores[0], strict=True))]
+    return [
+        Hit(r + 1, gallery.ids[i], gallery.label_names[i], float(s))
+        for r, (i, s) in enumerate(zip(ids[0], scores[0], strict=True))
+    ]
 
 
 def embed_query(path: Path, model_dir: Path, gallery: Gallery) -> np.ndarray:
@@ -63,8 +72,10 @@ def embed_query(path: Path, model_dir: Path, gallery: Gallery) -> np.ndarray:
 
     model, config = load_checkpoint(model_dir)
     if config["fingerprint"] != gallery.meta.get("model_fingerprint"):
-        raise UserError(f"the gallery was built with another model than {model_dir}; "
-                        "run `dvc repro export_gallery`")
+        raise UserError(
+            f"the gallery was built with another model than {model_dir}; "
+            "run `dvc repro export_gallery`"
+        )
     prep = Preprocessing.from_dict(config["preprocessing"])
     try:
         image = load_rgb(path, prep.image_size, prep.resize)
@@ -86,20 +97,33 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("query", type=Path, help="the photo to search for")
     parser.add_argument("--top", type=int, default=20, help="how many results (default 20)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--grid", type=Path,
-                        help="also draw the query and its results into this PNG")
-    parser.add_argument("--gallery", type=Path, default=paths.GALLERY,
-                        help="gallery folder (data/gallery)")
-    parser.add_argument("--model", type=Path, default=paths.MODEL,
-                        help="trained model folder (models)")
-    parser.add_argument("--index", choices=KINDS, default="exact",
-                        help="exact (default) scores every gallery vector; ivf builds an "
-                        "approximate FAISS index, for galleries of hundreds of thousands of images")
-    parser.add_argument("--nprobe", type=int,
-                        help="ivf lists to scan: more is slower and closer to exact "
-                        "(default: 1/16 of the lists)")
-    parser.add_argument("--processed", type=Path, default=paths.PROCESSED,
-                        help="processed images, for drawing the grid (data/processed)")
+    parser.add_argument(
+        "--grid", type=Path, help="also draw the query and its results into this PNG"
+    )
+    parser.add_argument(
+        "--gallery", type=Path, default=paths.GALLERY, help="gallery folder (data/gallery)"
+    )
+    parser.add_argument(
+        "--model", type=Path, default=paths.MODEL, help="trained model folder (models)"
+    )
+    parser.add_argument(
+        "--index",
+        choices=KINDS,
+        default="exact",
+        help="exact (default) scores every gallery vector; ivf builds an "
+        "approximate FAISS index, for galleries of hundreds of thousands of images",
+    )
+    parser.add_argument(
+        "--nprobe",
+        type=int,
+        help="ivf lists to scan: more is slower and closer to exact (default: 1/16 of the lists)",
+    )
+    parser.add_argument(
+        "--processed",
+        type=Path,
+        default=paths.PROCESSED,
+        help="processed images, for drawing the grid (data/processed)",
+    )
     return parser
 
 

@@ -24,10 +24,19 @@ def draw_search_grid(query: Path, hits: list, gallery: Gallery, processed: Path,
     for split, ids in wanted.items():
         table = read_table(processed / f"{split}.parquet", ["id", "image"])
         table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(ids)))
-        images.update(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
-    results = [{"image": Image.open(io.BytesIO(images[h.id])), "label": h.label_name, "score": h.score}
-               for h in hits]
+        images.update(
+            zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True)
+        )
+    results = [
+        {"image": Image.open(io.BytesIO(images[h.id])), "label": h.label_name, "score": h.score}
+        for h in hits
+    ]
     # The query's class is unknown: frame results by agreement with the top hit's class.
     predicted = hits[0].label_name if hits else ""
-    return search_grid(Image.open(query), predicted, results, out,
-                       f"siamese-search: top {len(hits)} for {query.name} (predicted class)")
+    return search_grid(
+        Image.open(query),
+        predicted,
+        results,
+        out,
+        f"siamese-search: top {len(hits)} for {query.name} (predicted class)",
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from siamese_cv.errors import run_cli
 from siamese_cv.params import PARAMS_FILE, Params, load_params
@@ -15,7 +15,9 @@ from siamese_cv.params import PARAMS_FILE, Params, load_params
 def stage_params(argv: Sequence[str] | None, description: str) -> Params:
     """Parse a stage's arguments and return its validated parameters."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default=PARAMS_FILE, help="parameters file (default: params.yaml)")
+    parser.add_argument(
+        "--params", default=PARAMS_FILE, help="parameters file (default: params.yaml)"
+    )
     args = parser.parse_args(argv)
     return load_params(args.params)
 

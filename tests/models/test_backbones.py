@@ -20,7 +20,11 @@ def test_every_backbone_returns_pooled_features_and_real_stages(name):
     assert len(backbone.mean) == len(backbone.std) == 3
     for n in range(len(backbone.stages) + 1):  # every cut of the chain is the same network
         prefix, rest = backbone.split(n)
-        assert torch.allclose(rest(prefix(torch.ones(1, 3, 64, 64))), backbone.module(torch.ones(1, 3, 64, 64)), atol=1e-5)
+        assert torch.allclose(
+            rest(prefix(torch.ones(1, 3, 64, 64))),
+            backbone.module(torch.ones(1, 3, 64, 64)),
+            atol=1e-5,
+        )
 
 
 def test_unknown_backbone_lists_the_known_ones():
@@ -46,12 +50,16 @@ def test_tiny_has_no_imagenet_weights():
 
 def test_weights_files_load_safely(tmp_path):
     backbone = get_backbone_spec("tiny").build()
-    state = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in backbone.module.state_dict().items()}
+    state = {
+        k: torch.randn_like(v.float()).to(v.dtype) for k, v in backbone.module.state_dict().items()
+    }
     save_file(state, str(tmp_path / "w.safetensors"))
     loaded = load_weights_file(tmp_path / "w.safetensors", backbone)
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     torch.save(state, tmp_path / "w.pt")
-    assert all(torch.equal(v, state[k]) for k, v in load_weights_file(tmp_path / "w.pt", backbone).items())
+    assert all(
+        torch.equal(v, state[k]) for k, v in load_weights_file(tmp_path / "w.pt", backbone).items()
+    )
 
 
 class _Payload:

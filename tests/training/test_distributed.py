@@ -45,9 +45,19 @@ FREEZE_ALL = 10**6
 SCENARIOS = {
     # name: (train params, frozen backbone stages, P x K batches?)
     "head_triplets": (TrainParams(epochs=EPOCHS, lr=3e-3, workers=0), FREEZE_ALL, False),
-    "head_pk_cross_rank": (TrainParams(epochs=EPOCHS, lr=3e-3, workers=0, loss="triplet_cosine",
-                                       miner="semihard", margin=0.2, cross_rank_negatives=True),
-                           FREEZE_ALL, True),
+    "head_pk_cross_rank": (
+        TrainParams(
+            epochs=EPOCHS,
+            lr=3e-3,
+            workers=0,
+            loss="triplet_cosine",
+            miner="semihard",
+            margin=0.2,
+            cross_rank_negatives=True,
+        ),
+        FREEZE_ALL,
+        True,
+    ),
     "batchnorm_triplets": (TrainParams(epochs=EPOCHS, lr=3e-3, workers=0), 2, False),
 }
 TIGHT = ("head_triplets", "head_pk_cross_rank")
@@ -67,8 +77,18 @@ def _fit(name: str, world: World) -> tuple[dict[str, torch.Tensor], list[dict]]:
         epochs = [[t.T.ravel() for t in np.array_split(epoch, 5)] for epoch in triplets]
     val_triplets = random_triplets(val.labels, rng_for(0, "validation", 0))
     precision = resolve_precision("fp32", torch.device("cpu"))
-    result = fit(model, PREP, train, val, Schedule(epochs, not pk), val_triplets, params, precision,
-                 batch_size_eval=16, world=world)
+    result = fit(
+        model,
+        PREP,
+        train,
+        val,
+        Schedule(epochs, not pk),
+        val_triplets,
+        params,
+        precision,
+        batch_size_eval=16,
+        world=world,
+    )
     assert result.cached_features
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     return state, result.history
@@ -103,8 +123,13 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     return {
         name: {
             "single": single[name],
-            "ranks": [(load_file(str(out / f"{name}-{r}.safetensors")),
-                       json.loads((out / f"{name}-{r}.json").read_text())) for r in range(WORLD)],
+            "ranks": [
+                (
+                    load_file(str(out / f"{name}-{r}.safetensors")),
+                    json.loads((out / f"{name}-{r}.json").read_text()),
+                )
+                for r in range(WORLD)
+            ],
         }
         for name in SCENARIOS
     }
@@ -156,10 +181,13 @@ def _fail_in_rank_one(kind: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "line"), [
-    ("user", "rank 1 of 2: train.lr: too fast"),
-    ("bug", "rank 1 of 2 failed with ValueError: a bug in rank 1; its traceback is above"),
-])
+@pytest.mark.parametrize(
+    ("kind", "line"),
+    [
+        ("user", "rank 1 of 2: train.lr: too fast"),
+        ("bug", "rank 1 of 2 failed with ValueError: a bug in rank 1; its traceback is above"),
+    ],
+)
 def test_a_failed_rank_fails_the_launch_with_one_line(kind, line, capfd):
     with pytest.raises(UserError) as raised:
         launch(_fail_in_rank_one, (kind,), 2)
@@ -175,8 +203,11 @@ def test_two_devices_through_the_stage_write_a_loadable_checkpoint(tmp_path):
     from siamese_cv.models.siamese import load_checkpoint
 
     photos = copy_photos(tmp_path / "photos", train=6, test=3, classes=3)
-    root = make_project(tmp_path / "project", photos, {"train.devices": "2", "train.epochs": "1",
-                                                       "train.precision": "fp32"})
+    root = make_project(
+        tmp_path / "project",
+        photos,
+        {"train.devices": "2", "train.epochs": "1", "train.precision": "fp32"},
+    )
     for stage in ("download", "preprocess", "sample_triplets"):
         run(root, "python", f"stages/{stage}.py")
     out = run(root, "python", "stages/train.py")
@@ -195,13 +226,20 @@ def test_several_nodes_need_torchrun(monkeypatch):
         launch_train(params)
 
 
-@pytest.mark.parametrize(("train", "triplets", "message"), [
-    ({"cross_rank_negatives": True}, {}, "train.cross_rank_negatives: .* set triplets.sampler: pk"),
-    ({"devices": 3}, {"sampler": "pk", "classes_per_batch": 16}, "multiple of 3"),
-    ({"devices": 2, "nodes": 2}, {"sampler": "pk", "classes_per_batch": 4}, "one class per"),
-    ({"devices": 2, "device": "cuda:1"}, {}, "set train.device: cuda or auto"),
-    ({"devices": 0}, {}, "train.devices: 0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("train", "triplets", "message"),
+    [
+        (
+            {"cross_rank_negatives": True},
+            {},
+            "train.cross_rank_negatives: .* set triplets.sampler: pk",
+        ),
+        ({"devices": 3}, {"sampler": "pk", "classes_per_batch": 16}, "multiple of 3"),
+        ({"devices": 2, "nodes": 2}, {"sampler": "pk", "classes_per_batch": 4}, "one class per"),
+        ({"devices": 2, "device": "cuda:1"}, {}, "set train.device: cuda or auto"),
+        ({"devices": 0}, {}, "train.devices: 0 must be >= 1"),
+    ],
+)
 def test_distributed_params_are_checked(tmp_path, train, triplets, message):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"train": train, "triplets": triplets}))

@@ -38,14 +38,30 @@ def run(params: TrainParams, freeze=None, pk=False):
     model.freeze(freeze)
     train, val = split(8, 0), split(4, 1)
     if pk:
-        epochs = [list(pk_batches(train.labels, 3, 4, rng_for(0, "pk", e))) for e in range(params.epochs)]
+        epochs = [
+            list(pk_batches(train.labels, 3, 4, rng_for(0, "pk", e))) for e in range(params.epochs)
+        ]
     else:
-        epochs = [[t.T.ravel() for t in np.array_split(random_triplets(train.labels, rng_for(0, "train", e)), 4)]
-                  for e in range(params.epochs)]
+        epochs = [
+            [
+                t.T.ravel()
+                for t in np.array_split(random_triplets(train.labels, rng_for(0, "train", e)), 4)
+            ]
+            for e in range(params.epochs)
+        ]
     val_triplets = random_triplets(val.labels, rng_for(0, "validation", 0))
     precision = resolve_precision("fp32", torch.device("cpu"))
-    return fit(model, PREP, train, val, Schedule(epochs, not pk), val_triplets, params, precision,
-               batch_size_eval=16)
+    return fit(
+        model,
+        PREP,
+        train,
+        val,
+        Schedule(epochs, not pk),
+        val_triplets,
+        params,
+        precision,
+        batch_size_eval=16,
+    )
 
 
 def untrained_map_at_r() -> float:
@@ -55,7 +71,9 @@ def untrained_map_at_r() -> float:
     torch.manual_seed(0)
     model, _ = build_model("tiny", "linear", 16)
     val = split(4, 1)
-    emb = Embedder(model, PREP, resolve_precision("fp32", torch.device("cpu"))).embed_encoded(val.encoded)
+    emb = Embedder(model, PREP, resolve_precision("fp32", torch.device("cpu"))).embed_encoded(
+        val.encoded
+    )
     return retrieval_metrics(emb, val.labels, recall_at=(1,))["map_at_r"]
 
 
@@ -80,8 +98,16 @@ def test_cached_prefix_trains_exactly_like_the_images(monkeypatch):
 
 
 def test_pk_batches_with_a_miner_and_cached_augmented_views():
-    params = TrainParams(epochs=3, lr=3e-3, workers=0, loss="triplet_cosine", miner="semihard", margin=0.2,
-                         augment=True, augment_views=2)
+    params = TrainParams(
+        epochs=3,
+        lr=3e-3,
+        workers=0,
+        loss="triplet_cosine",
+        miner="semihard",
+        margin=0.2,
+        augment=True,
+        augment_views=2,
+    )
     result = run(params, freeze=2, pk=True)
     assert result.cached_features
     assert result.best["val_map_at_r"] > 0.8

@@ -8,7 +8,9 @@ def test_original_loss_equals_the_notebooks_formula():
     emb = torch.randn(12, 8) * 2
     labels = torch.arange(12) % 4
     a, p, n = torch.arange(4), torch.arange(4, 8), torch.arange(8, 12)
-    expected = torch.relu(((emb[a] - emb[p]) ** 2).sum(1) - ((emb[a] - emb[n]) ** 2).sum(1) + 1.0).mean()
+    expected = torch.relu(
+        ((emb[a] - emb[p]) ** 2).sum(1) - ((emb[a] - emb[n]) ** 2).sum(1) + 1.0
+    ).mean()
     got = build_loss("triplet_l2sq", 1.0)(emb, labels, (a, p, n))
     assert torch.allclose(got, expected, atol=1e-5)
 
@@ -19,7 +21,10 @@ def test_cosine_triplet_loss_equals_a_hand_loop():
     labels = torch.zeros(90, dtype=torch.long)
     a, p, n = torch.arange(30), torch.arange(30, 60), torch.arange(60, 90)
     unit = torch.nn.functional.normalize(emb, dim=1)
-    losses = [max(0.0, float(unit[i] @ unit[k] - unit[i] @ unit[j] + 0.2)) for i, j, k in zip(a, p, n, strict=True)]
+    losses = [
+        max(0.0, float(unit[i] @ unit[k] - unit[i] @ unit[j] + 0.2))
+        for i, j, k in zip(a, p, n, strict=True)
+    ]
     nonzero = [x for x in losses if x > 0]
     assert 0 < len(nonzero) < len(losses)
     expected = sum(nonzero) / len(nonzero)

@@ -69,7 +69,9 @@ def _open(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as error:
-        raise UserError(f"{path}: not a readable parquet file ({error}); rerun `dvc repro -f` on its stage") from None
+        raise UserError(
+            f"{path}: not a readable parquet file ({error}); rerun `dvc repro -f` on its stage"
+        ) from None
 
 
 def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
@@ -82,8 +84,13 @@ def read_labels(path: Path) -> tuple[list[str], np.ndarray]:
     return table.column("id").to_pylist(), table.column("label").to_numpy().astype(np.int64)
 
 
-def write_splits(directory: Path, schema: pa.Schema, rows: Iterable[dict], row_group_size: int,
-                 splits: Iterable[str]) -> dict[str, int]:
+def write_splits(
+    directory: Path,
+    schema: pa.Schema,
+    rows: Iterable[dict],
+    row_group_size: int,
+    splits: Iterable[str],
+) -> dict[str, int]:
     """Stream rows of mixed splits into `<directory>/<split>.parquet`; returns rows per split.
 
     Every listed split gets a file, even if empty, so downstream stages can name it as a dep.
@@ -92,7 +99,9 @@ def write_splits(directory: Path, schema: pa.Schema, rows: Iterable[dict], row_g
     buffers: dict[str, list[dict]] = {}
     counts: dict[str, int] = {}
     for split in splits:
-        writers[split] = pq.ParquetWriter(directory / f"{split}.parquet", schema, compression="zstd")
+        writers[split] = pq.ParquetWriter(
+            directory / f"{split}.parquet", schema, compression="zstd"
+        )
         buffers[split], counts[split] = [], 0
     try:
         for row in rows:

@@ -46,6 +46,7 @@ def _die_with_parent(parent: int) -> None:
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     else:
+
         def watch() -> None:
             while os.getppid() == parent:
                 time.sleep(1.0)
@@ -60,12 +61,17 @@ def _executor(workers: int) -> Executor | None:
     if workers <= 1:
         return None
     method = "fork" if sys.platform == "linux" else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                               initializer=_die_with_parent, initargs=(os.getpid(),))
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context(method),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    )
 
 
-def _process_split(raw: Path, params: PreprocessParams, pool: Executor | None,
-                   skipped: list[dict], kept: Counter) -> Iterator[dict]:
+def _process_split(
+    raw: Path, params: PreprocessParams, pool: Executor | None, skipped: list[dict], kept: Counter
+) -> Iterator[dict]:
     columns = ["id", "split", "label", "label_name", "source", "image", "error"]
     size = params.image_size
     for batch in iter_batches(raw, columns, params.row_group_size):
@@ -78,11 +84,19 @@ def _process_split(raw: Path, params: PreprocessParams, pool: Executor | None,
         for r in rows:
             image, reason = outcome.get(id(r), (None, r["error"] or "no image bytes"))
             if image is None:
-                skipped.append({"id": r["id"], "split": r["split"], "source": r["source"], "reason": reason})
+                skipped.append(
+                    {"id": r["id"], "split": r["split"], "source": r["source"], "reason": reason}
+                )
                 continue
             kept[(r["split"], r["label_name"])] += 1
-            yield {"id": r["id"], "label": r["label"], "label_name": r["label_name"], "image": image,
-                   "width": size, "height": size}
+            yield {
+                "id": r["id"],
+                "label": r["label"],
+                "label_name": r["label_name"],
+                "image": image,
+                "width": size,
+                "height": size,
+            }
 
 
 def preprocess_splits(raw_dir: Path, out_dir: Path, params: PreprocessParams) -> dict[str, Any]:
@@ -112,9 +126,17 @@ def preprocess_splits(raw_dir: Path, out_dir: Path, params: PreprocessParams) ->
         "kept": {"total": sum(kept.values()), **{s: sum(v.values()) for s, v in per_split.items()}},
         "per_class": per_split,
         "problems": problems,
-        "skipped": {"total": len(skipped), "by_reason": dict(sorted(reasons.items())), "files": skipped},
-        "preprocess": {"image_size": params.image_size, "resize": params.resize, "format": params.format,
-                       "workers": workers},
+        "skipped": {
+            "total": len(skipped),
+            "by_reason": dict(sorted(reasons.items())),
+            "files": skipped,
+        },
+        "preprocess": {
+            "image_size": params.image_size,
+            "resize": params.resize,
+            "format": params.format,
+            "workers": workers,
+        },
     }
 
 
@@ -126,5 +148,6 @@ def _split_problems(split: str, kept: Counter, skipped: list[dict]) -> list[str]
     return [
         f"split {split!r}: class {c!r} has only 1 readable image, too few for a triplet; add images "
         "of it or remove the class from data.source"
-        for c, n in sorted(counts.items()) if n < 2
+        for c, n in sorted(counts.items())
+        if n < 2
     ]

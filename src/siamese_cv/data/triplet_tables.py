@@ -29,39 +29,75 @@ def _triplet_table(triplets: np.ndarray, **extra: np.ndarray) -> pa.Table:
     return pa.table(columns)
 
 
-def write_triplet_tables(processed: Path, out_dir: Path, params: TripletParams, epochs: int) -> dict:
+def write_triplet_tables(
+    processed: Path, out_dir: Path, params: TripletParams, epochs: int
+) -> dict:
     """Draw and write every split's triplets; returns counts for the stage's summary line."""
     _, train_labels = read_labels(processed / "train.parquet")
     _, val_labels = read_labels(processed / "validation.parquet")
     _, test_labels = read_labels(processed / "test.parquet")
     seed = params.seed
     if params.sampler == "random":
-        parts = [random_triplets(train_labels, rng_for(seed, "train", e), "train") for e in range(epochs)]
-        train = _triplet_table(np.concatenate(parts), epoch=np.repeat(np.arange(epochs), len(train_labels)))
+        parts = [
+            random_triplets(train_labels, rng_for(seed, "train", e), "train") for e in range(epochs)
+        ]
+        train = _triplet_table(
+            np.concatenate(parts), epoch=np.repeat(np.arange(epochs), len(train_labels))
+        )
     else:
         if params.samples_per_class > np.bincount(train_labels).max():
-            raise UserError(f"triplets.samples_per_class: {params.samples_per_class} is more than the "
-                            "largest training class holds; lower it")
-        epochs_rows = [pk_batches(train_labels, params.classes_per_batch, params.samples_per_class,
-                                  rng_for(seed, "pk", e)) for e in range(epochs)]
+            raise UserError(
+                f"triplets.samples_per_class: {params.samples_per_class} is more than the "
+                "largest training class holds; lower it"
+            )
+        epochs_rows = [
+            pk_batches(
+                train_labels,
+                params.classes_per_batch,
+                params.samples_per_class,
+                rng_for(seed, "pk", e),
+            )
+            for e in range(epochs)
+        ]
         steps, width = epochs_rows[0].shape
-        train = pa.table({
-            "epoch": pa.array(np.repeat(np.arange(epochs), steps * width).astype(np.int32)),
-            "step": pa.array(np.tile(np.repeat(np.arange(steps), width), epochs).astype(np.int32)),
-            "row": pa.array(np.concatenate([r.ravel() for r in epochs_rows]).astype(np.int32)),
-        })
-    validation = _triplet_table(random_triplets(val_labels, rng_for(seed, "validation", 0), "validation"))
-    draws = [random_triplets(test_labels, rng_for(seed, "test", d), "test") for d in range(params.test_draws)]
-    test = _triplet_table(np.concatenate(draws), draw=np.repeat(np.arange(params.test_draws), len(test_labels)))
-    meta = {"sampler": params.sampler, "epochs": epochs, "seed": seed, "test_draws": params.test_draws,
-            "classes_per_batch": params.classes_per_batch, "samples_per_class": params.samples_per_class}
+        train = pa.table(
+            {
+                "epoch": pa.array(np.repeat(np.arange(epochs), steps * width).astype(np.int32)),
+                "step": pa.array(
+                    np.tile(np.repeat(np.arange(steps), width), epochs).astype(np.int32)
+                ),
+                "row": pa.array(np.concatenate([r.ravel() for r in epochs_rows]).astype(np.int32)),
+            }
+        )
+    validation = _triplet_table(
+        random_triplets(val_labels, rng_for(seed, "validation", 0), "validation")
+    )
+    draws = [
+        random_triplets(test_labels, rng_for(seed, "test", d), "test")
+        for d in range(params.test_draws)
+    ]
+    test = _triplet_table(
+        np.concatenate(draws), draw=np.repeat(np.arange(params.test_draws), len(test_labels))
+    )
+    meta = {
+        "sampler": params.sampler,
+        "epochs": epochs,
+        "seed": seed,
+        "test_draws": params.test_draws,
+        "classes_per_batch": params.classes_per_batch,
+        "samples_per_class": params.samples_per_class,
+    }
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, table in (("train", train), ("validation", validation), ("test", test)):
             pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return {"sampler": params.sampler, "train rows": train.num_rows, "validation triplets": validation.num_rows,
-            "test triplets": f"{params.test_draws} x {len(test_labels)}"}
+    return {
+        "sampler": params.sampler,
+        "train rows": train.num_rows,
+        "validation triplets": validation.num_rows,
+        "test triplets": f"{params.test_draws} x {len(test_labels)}",
+    }
 
 
 def read_schedule(out_dir: Path, batch_size: int) -> tuple[list[list[np.ndarray]], bool]:

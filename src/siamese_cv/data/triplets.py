@@ -22,14 +22,20 @@ def _class_index(labels: np.ndarray, split: str) -> dict[int, np.ndarray]:
     classes = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
     small = [c for c, members in classes.items() if len(members) < 2]
     if small:
-        raise UserError(f"{split}: class {small[0]} has fewer than 2 images, so it has no positive pair; "
-                        "add images or remove the class")
+        raise UserError(
+            f"{split}: class {small[0]} has fewer than 2 images, so it has no positive pair; "
+            "add images or remove the class"
+        )
     if len(classes) < 2:
-        raise UserError(f"{split}: needs at least 2 classes to draw negatives, found {len(classes)}")
+        raise UserError(
+            f"{split}: needs at least 2 classes to draw negatives, found {len(classes)}"
+        )
     return classes
 
 
-def random_triplets(labels: np.ndarray, rng: np.random.Generator, split: str = "train") -> np.ndarray:
+def random_triplets(
+    labels: np.ndarray, rng: np.random.Generator, split: str = "train"
+) -> np.ndarray:
     """The original's triplets: every image is the anchor once, in a shuffled order.
 
     The positive is a random *other* image of the anchor's class; the negative a random image of
@@ -63,8 +69,9 @@ def random_triplets(labels: np.ndarray, rng: np.random.Generator, split: str = "
     return np.stack([anchors, positives, negatives], axis=1).astype(np.int64)
 
 
-def pk_batches(labels: np.ndarray, classes_per_batch: int, samples_per_class: int,
-               rng: np.random.Generator) -> np.ndarray:
+def pk_batches(
+    labels: np.ndarray, classes_per_batch: int, samples_per_class: int, rng: np.random.Generator
+) -> np.ndarray:
     """One epoch of class-balanced P x K batches for online mining.
 
     Each batch holds `classes_per_batch` distinct classes (all of them if there are fewer) and

@@ -22,21 +22,34 @@ N_TRIPLETS = 6
 N_QUERIES = 4
 
 
-def _triplet_rows(emb: np.ndarray, images: list[bytes], names: list[str], triplets: np.ndarray) -> list[dict]:
+def _triplet_rows(
+    emb: np.ndarray, images: list[bytes], names: list[str], triplets: np.ndarray
+) -> list[dict]:
     rows = []
     for a, p, n in triplets:
-        rows.append({
-            "anchor": Image.open(io.BytesIO(images[a])), "positive": Image.open(io.BytesIO(images[p])),
-            "negative": Image.open(io.BytesIO(images[n])),
-            "sim_pos": float(emb[a] @ emb[p]), "sim_neg": float(emb[a] @ emb[n]),
-            "labels": (names[a], names[p], names[n]),
-        })
+        rows.append(
+            {
+                "anchor": Image.open(io.BytesIO(images[a])),
+                "positive": Image.open(io.BytesIO(images[p])),
+                "negative": Image.open(io.BytesIO(images[n])),
+                "sim_pos": float(emb[a] @ emb[p]),
+                "sim_neg": float(emb[a] @ emb[n]),
+                "labels": (names[a], names[p], names[n]),
+            }
+        )
     return rows
 
 
-def write_figures(out_dir: Path, emb: np.ndarray, test: TestSet, images: list[bytes],
-                  gallery_emb: np.ndarray, gallery_images: list[bytes], gallery_names: list[str],
-                  top: int = 10) -> list[Path]:
+def write_figures(
+    out_dir: Path,
+    emb: np.ndarray,
+    test: TestSet,
+    images: list[bytes],
+    gallery_emb: np.ndarray,
+    gallery_images: list[bytes],
+    gallery_names: list[str],
+    top: int = 10,
+) -> list[Path]:
     """Draw every evaluation figure into `out_dir`; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [test.class_names[i] for i in test.labels]
@@ -45,22 +58,53 @@ def write_figures(out_dir: Path, emb: np.ndarray, test: TestSet, images: list[by
     margin = np.einsum("ij,ij->i", emb[a], emb[p]) - np.einsum("ij,ij->i", emb[a], emb[n])
     worst = triplets[np.argsort(margin, kind="stable")[:N_TRIPLETS]]
     written = [
-        figures.triplet_figure(_triplet_rows(emb, images, names, triplets[:N_TRIPLETS]),
-                               out_dir / "test_triplets.png", "Seeded test triplets (draw 0)"),
-        figures.triplet_figure(_triplet_rows(emb, images, names, worst),
-                               out_dir / "worst_triplets.png", "Worst test triplets (largest violations)"),
+        figures.triplet_figure(
+            _triplet_rows(emb, images, names, triplets[:N_TRIPLETS]),
+            out_dir / "test_triplets.png",
+            "Seeded test triplets (draw 0)",
+        ),
+        figures.triplet_figure(
+            _triplet_rows(emb, images, names, worst),
+            out_dir / "worst_triplets.png",
+            "Worst test triplets (largest violations)",
+        ),
     ]
     queries = np.linspace(0, len(emb) - 1, N_QUERIES).astype(int)
     index, score = top_k(gallery_emb, emb[queries], top)
     for q, (hits, scores) in enumerate(zip(index, score, strict=True)):
-        results = [{"image": Image.open(io.BytesIO(gallery_images[i])), "label": gallery_names[i],
-                    "score": float(s)} for i, s in zip(hits, scores, strict=True)]
-        written.append(figures.search_grid(Image.open(io.BytesIO(images[queries[q]])), names[queries[q]],
-                                           results, out_dir / f"search_{q}.png",
-                                           f"Test query {q + 1}: top {top} in the gallery"))
-    written.append(figures.embedding_map(emb, test.labels, test.class_names, out_dir / "embedding_map.png",
-                                         "t-SNE of the test embeddings"))
+        results = [
+            {
+                "image": Image.open(io.BytesIO(gallery_images[i])),
+                "label": gallery_names[i],
+                "score": float(s),
+            }
+            for i, s in zip(hits, scores, strict=True)
+        ]
+        written.append(
+            figures.search_grid(
+                Image.open(io.BytesIO(images[queries[q]])),
+                names[queries[q]],
+                results,
+                out_dir / f"search_{q}.png",
+                f"Test query {q + 1}: top {top} in the gallery",
+            )
+        )
+    written.append(
+        figures.embedding_map(
+            emb,
+            test.labels,
+            test.class_names,
+            out_dir / "embedding_map.png",
+            "t-SNE of the test embeddings",
+        )
+    )
     matrix = neighbour_confusion(emb, test.labels, len(test.class_names))
-    written.append(figures.confusion_figure(matrix, test.class_names, out_dir / "confusion.png",
-                                            "Nearest-neighbour confusion (test split)"))
+    written.append(
+        figures.confusion_figure(
+            matrix,
+            test.class_names,
+            out_dir / "confusion.png",
+            "Nearest-neighbour confusion (test split)",
+        )
+    )
     return written

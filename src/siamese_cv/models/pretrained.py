@@ -32,7 +32,9 @@ def _fetch_imagenet(name: str) -> dict[str, torch.Tensor]:
     except UserError:
         raise
     except Exception as error:  # urllib, requests and hub errors all mean: not downloadable now
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        reason = (
+            str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        )
         raise UserError(
             f"cannot download the ImageNet weights of {name} ({reason}); {spec.weights_hint}. "
             "Offline? Set model.weights to a local weights file, or run the offline profile: "
@@ -68,7 +70,9 @@ def resolve_pretrained(model: ModelParams, out_dir: Path, seed: int) -> dict[str
     try:
         backbone.module.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise UserError(f"model.weights: {origin} does not fit {model.backbone}: {str(error)[:200]}") from None
+        raise UserError(
+            f"model.weights: {origin} does not fit {model.backbone}: {str(error)[:200]}"
+        ) from None
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.module.state_dict().items()}
     card = {
         "backbone": model.backbone,
@@ -96,4 +100,3 @@ def load_pretrained(directory: Path) -> tuple[Backbone, dict[str, Any]]:
     backbone = get_backbone_spec(card["backbone"]).build()
     backbone.module.load_state_dict(load_file(str(weights)))
     return backbone, card
-

@@ -53,7 +53,10 @@ def _linear_head(feature_dim: int, embedding_dim: int) -> nn.Module:
 def _mlp_head(feature_dim: int, embedding_dim: int) -> nn.Module:
     hidden = max(embedding_dim, feature_dim // 2)
     return nn.Sequential(
-        nn.Linear(feature_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, embedding_dim)
+        nn.Linear(feature_dim, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, embedding_dim),
     )
 
 
@@ -77,7 +80,9 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        return cls(int(data["image_size"]), str(data["resize"]), tuple(data["mean"]), tuple(data["std"]))
+        return cls(
+            int(data["image_size"]), str(data["resize"]), tuple(data["mean"]), tuple(data["std"])
+        )
 
 
 class EmbeddingNet(nn.Module):
@@ -155,7 +160,9 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_checkpoint(model: EmbeddingNet, config: dict[str, Any], directory: Path, stem: str = "model") -> str:
+def save_checkpoint(
+    model: EmbeddingNet, config: dict[str, Any], directory: Path, stem: str = "model"
+) -> str:
     """Write `<stem>.safetensors` and `config.json` atomically; returns the weights fingerprint."""
     from safetensors.torch import save_file
 
@@ -167,7 +174,9 @@ def save_checkpoint(model: EmbeddingNet, config: dict[str, Any], directory: Path
     return fingerprint
 
 
-def load_checkpoint(directory: str | Path, stem: str = "model") -> tuple[EmbeddingNet, dict[str, Any]]:
+def load_checkpoint(
+    directory: str | Path, stem: str = "model"
+) -> tuple[EmbeddingNet, dict[str, Any]]:
     """Rebuild the network from `config.json` and load `<stem>.safetensors` into it.
 
     Raises:
@@ -178,15 +187,19 @@ def load_checkpoint(directory: str | Path, stem: str = "model") -> tuple[Embeddi
     directory = Path(directory)
     weights, config_path = directory / f"{stem}.safetensors", directory / "config.json"
     if not weights.is_file() or not config_path.is_file():
-        raise UserError(f"{directory}: no trained model there; run `dvc repro train` (or `dvc pull`)")
+        raise UserError(
+            f"{directory}: no trained model there; run `dvc repro train` (or `dvc pull`)"
+        )
     config = json.loads(config_path.read_text(encoding="utf-8"))
     from safetensors import safe_open
 
     with safe_open(str(weights), "pt") as handle:
         saved = (handle.metadata() or {}).get("fingerprint")
     if saved and config.get("fingerprint") and saved != config["fingerprint"]:
-        raise UserError(f"{directory}: {weights.name} and config.json are from different training "
-                        "runs (train stopped between the two writes?); rerun `dvc repro train`")
+        raise UserError(
+            f"{directory}: {weights.name} and config.json are from different training "
+            "runs (train stopped between the two writes?); rerun `dvc repro train`"
+        )
     model, _ = build_model(config["backbone"], config["head"], config["embedding_dim"])
     model.load_state_dict(load_file(str(weights)))
     model.eval()

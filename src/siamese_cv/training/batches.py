@@ -32,8 +32,9 @@ def augmenter(size: int):
     )
 
 
-def augmented_batches(encoded: Sequence[bytes], prep: Preprocessing, seed: int, view: int,
-                      batch_size: int):
+def augmented_batches(
+    encoded: Sequence[bytes], prep: Preprocessing, seed: int, view: int, batch_size: int
+):
     """Yield normalised batches of one seeded augmented view of every image, in row order."""
     transform = augmenter(prep.image_size)
     for start in range(0, len(encoded), batch_size):
@@ -55,8 +56,15 @@ class StepDataset(Dataset):
         seed: base seed for augmentation; combined with `epoch` and the step index.
     """
 
-    def __init__(self, encoded: Sequence[bytes], steps: Sequence[np.ndarray], prep: Preprocessing,
-                 augment: bool, seed: int, epoch: int):
+    def __init__(
+        self,
+        encoded: Sequence[bytes],
+        steps: Sequence[np.ndarray],
+        prep: Preprocessing,
+        augment: bool,
+        seed: int,
+        epoch: int,
+    ):
         self.encoded = encoded
         self.steps = steps
         self.prep = prep

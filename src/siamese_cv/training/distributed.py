@@ -42,8 +42,12 @@ class World:
         """The world that torchrun (or `elastic_launch`) describes in RANK, WORLD_SIZE, ..."""
         env = os.environ
         size = int(env["WORLD_SIZE"])
-        return cls(int(env.get("RANK", env["LOCAL_RANK"])), int(env["LOCAL_RANK"]), size,
-                   int(env.get("LOCAL_WORLD_SIZE", size)))
+        return cls(
+            int(env.get("RANK", env["LOCAL_RANK"])),
+            int(env["LOCAL_RANK"]),
+            size,
+            int(env.get("LOCAL_WORLD_SIZE", size)),
+        )
 
 
 SINGLE = World()
@@ -69,9 +73,11 @@ def rank_device(requested: str, world: World) -> torch.device:
         index = world.local_rank
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= visible:
-        raise UserError(f"train.devices: {world.local_size} processes on this node need "
-                        f"{max(index + 1, world.local_size)} GPUs but {visible} are visible; lower "
-                        "train.devices or set train.device: cpu")
+        raise UserError(
+            f"train.devices: {world.local_size} processes on this node need "
+            f"{max(index + 1, world.local_size)} GPUs but {visible} are visible; lower "
+            "train.devices or set train.device: cpu"
+        )
     return torch.device("cuda", index)
 
 
@@ -89,8 +95,12 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, torch.get_num_threads() // world.local_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.size,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend,
+        rank=world.rank,
+        world_size=world.size,
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         yield
     finally:
@@ -115,8 +125,9 @@ def wrap(module: nn.Module, world: World, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids,
-                                   output_device=device.index if ids else None)
+    return DistributedDataParallel(
+        module, device_ids=ids, output_device=device.index if ids else None
+    )
 
 
 def sync_buffers(module: nn.Module, world: World) -> None:

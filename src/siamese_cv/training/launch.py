@@ -101,9 +101,15 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], processes: int) 
 
     with tempfile.TemporaryDirectory(prefix="siamese-cv-ranks-") as logs:
         config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=processes, rdzv_backend="c10d",
-            rdzv_endpoint="localhost:0", run_id=f"siamese-cv-{uuid.uuid4().hex}", max_restarts=0,
-            start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=logs),
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=processes,
+            rdzv_backend="c10d",
+            rdzv_endpoint="localhost:0",
+            run_id=f"siamese-cv-{uuid.uuid4().hex}",
+            max_restarts=0,
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
         )
         try:
             with _quiet(_QUIET):
@@ -111,8 +117,9 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], processes: int) 
         except ChildFailedError as error:
             raise UserError(_failure_line(error, processes)) from None
         except SignalException as error:
-            raise UserError(f"stopped by {error.sigval.name}; all {processes} processes were "
-                            "ended") from None
+            raise UserError(
+                f"stopped by {error.sigval.name}; all {processes} processes were ended"
+            ) from None
 
 
 def _failure_line(error: Any, processes: int) -> str:
@@ -125,7 +132,7 @@ def _failure_line(error: Any, processes: int) -> str:
         message = message.get("message", "")
     prefix = f"{RankUserError.__name__}: "
     if message.startswith(prefix):
-        return f"rank {rank} of {processes}: {message[len(prefix):]}"
+        return f"rank {rank} of {processes}: {message[len(prefix) :]}"
     if stack:
         print(f"rank {rank}: {stack.rstrip()}", file=sys.stderr)
         return f"rank {rank} of {processes} failed with {message}; its traceback is above"

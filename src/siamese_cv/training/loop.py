@@ -92,13 +92,25 @@ def _optimizer(model: EmbeddingNet, params: TrainParams) -> torch.optim.Optimize
         return torch.optim.Adam(groups, lr=params.lr, weight_decay=params.weight_decay)
     if params.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=params.lr, weight_decay=params.weight_decay)
-    return torch.optim.SGD(groups, lr=params.lr, momentum=0.9, weight_decay=params.weight_decay, nesterov=True)
+    return torch.optim.SGD(
+        groups, lr=params.lr, momentum=0.9, weight_decay=params.weight_decay, nesterov=True
+    )
 
 
-def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: SplitImages,
-        schedule: Schedule, val_triplets: np.ndarray, params: TrainParams, precision: Precision,
-        log: Callable[[dict], None] = lambda row: None, batch_size_eval: int = 64,
-        world: World = SINGLE, cache_precision: Precision | None = None) -> TrainResult:
+def fit(
+    model: EmbeddingNet,
+    prep: Preprocessing,
+    train: SplitImages,
+    val: SplitImages,
+    schedule: Schedule,
+    val_triplets: np.ndarray,
+    params: TrainParams,
+    precision: Precision,
+    log: Callable[[dict], None] = lambda row: None,
+    batch_size_eval: int = 64,
+    world: World = SINGLE,
+    cache_precision: Precision | None = None,
+) -> TrainResult:
     """Train `model` in place and leave it holding the best epoch's weights (by validation MAP@R).
 
     Args:
@@ -123,8 +135,10 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
     loss_fn, miner = base_loss, build_miner(params.miner, params.margin, params.loss)
     cross = world.distributed and params.cross_rank_negatives
     if cross and schedule.triplets:
-        raise UserError("train.cross_rank_negatives: fixed triplets already name their negatives; "
-                        "set triplets.sampler: pk or train.cross_rank_negatives: false")
+        raise UserError(
+            "train.cross_rank_negatives: fixed triplets already name their negatives; "
+            "set triplets.sampler: pk or train.cross_rank_negatives: false"
+        )
     if cross:
         loss_fn, miner = distributed.cross_rank(loss_fn, miner)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
@@ -133,8 +147,16 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
     views = params.augment_views if params.augment else 0
     cache = None
     if not params.augment or views:
-        cache = _cache_frozen_prefix(model, prep, cache_precision or precision, train, val, batch_size_eval,
-                                     views, params.seed)
+        cache = _cache_frozen_prefix(
+            model,
+            prep,
+            cache_precision or precision,
+            train,
+            val,
+            batch_size_eval,
+            views,
+            params.seed,
+        )
     cached = cache is not None
     if cached:
         trainable, features, val_features = cache  # features: [views or 1, n, ...]
@@ -151,8 +173,10 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
     for epoch, steps in enumerate(schedule.epochs[: params.epochs], start=1):
         model.train()
         losses = []
-        shares = [share_of(rows, train.labels, schedule.triplets, world.rank, world.size, cross)
-                  for rows in steps]
+        shares = [
+            share_of(rows, train.labels, schedule.triplets, world.rank, world.size, cross)
+            for rows in steps
+        ]
         source = _step_source([s.rows for s in shares], train, prep, params, epoch, cached)
         for step, (images, rows, inverse) in enumerate(source):
             with precision.autocast():
@@ -186,12 +210,22 @@ def fit(model: EmbeddingNet, prep: Preprocessing, train: SplitImages, val: Split
         if cached:
             model.eval()
             with torch.inference_mode(), precision.autocast():
-                val_raw = torch.cat([trainable(_as_input(_for(val_features[i : i + batch_size_eval], precision),
-                                                         memory_format)).float()
-                                     for i in range(0, len(val_features), batch_size_eval)])
+                val_raw = torch.cat(
+                    [
+                        trainable(
+                            _as_input(
+                                _for(val_features[i : i + batch_size_eval], precision),
+                                memory_format,
+                            )
+                        ).float()
+                        for i in range(0, len(val_features), batch_size_eval)
+                    ]
+                )
         else:
             val_raw = torch.from_numpy(
-                Embedder(model, prep, precision, batch_size_eval, normalize=False).embed_encoded(val.encoded)
+                Embedder(model, prep, precision, batch_size_eval, normalize=False).embed_encoded(
+                    val.encoded
+                )
             ).to(device)
         train_loss = distributed.mean_over_ranks(float(np.mean(losses)), world, device)
         row = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
@@ -219,8 +253,9 @@ def _as_input(batch: torch.Tensor, memory_format: torch.memory_format) -> torch.
     return batch.contiguous(memory_format=memory_format) if batch.dim() == 4 else batch
 
 
-def _views_for(step_rows: np.ndarray, unique: torch.Tensor, n_views: int, seed: int, epoch: int,
-               step: int) -> torch.Tensor:
+def _views_for(
+    step_rows: np.ndarray, unique: torch.Tensor, n_views: int, seed: int, epoch: int, step: int
+) -> torch.Tensor:
     """Which cached augmented view each of the sorted `unique` rows uses in this step.
 
     Drawn (seeded) for every distinct row of the whole step, then picked for this process's rows,
@@ -234,8 +269,16 @@ def _views_for(step_rows: np.ndarray, unique: torch.Tensor, n_views: int, seed: 
     return draws[torch.from_numpy(np.searchsorted(every, unique.numpy()))]
 
 
-def _cache_frozen_prefix(model: EmbeddingNet, prep: Preprocessing, precision: Precision, train: SplitImages,
-                         val: SplitImages, batch_size: int, views: int, seed: int):
+def _cache_frozen_prefix(
+    model: EmbeddingNet,
+    prep: Preprocessing,
+    precision: Precision,
+    train: SplitImages,
+    val: SplitImages,
+    batch_size: int,
+    views: int,
+    seed: int,
+):
     """Run the frozen prefix once: (trainable rest, train outputs [views, n, ...], val outputs).
 
     With `views` > 0 the training images go through it as that many seeded augmented views, so
@@ -248,7 +291,9 @@ def _cache_frozen_prefix(model: EmbeddingNet, prep: Preprocessing, precision: Pr
         return None
     prefix, trainable = parts
     with torch.inference_mode():
-        sample = prefix.eval()(torch.zeros(1, 3, prep.image_size, prep.image_size, device=precision.device))
+        sample = prefix.eval()(
+            torch.zeros(1, 3, prep.image_size, prep.image_size, device=precision.device)
+        )
     keep = torch.bfloat16 if precision.dtype is torch.bfloat16 else torch.float32
     per_image = sample.numel() * (2 if keep is torch.bfloat16 else 4)
     if per_image * (max(views, 1) * len(train.encoded) + len(val.encoded)) > CACHE_BUDGET_BYTES:
@@ -260,9 +305,16 @@ def _cache_frozen_prefix(model: EmbeddingNet, prep: Preprocessing, precision: Pr
 
     def run_view(view: int) -> torch.Tensor:
         batches = augmented_batches(train.encoded, prep, seed, view, batch_size)
-        return torch.cat([torch.from_numpy(extractor.embed_tensor(b)).to(precision.device, keep) for b in batches])
+        return torch.cat(
+            [
+                torch.from_numpy(extractor.embed_tensor(b)).to(precision.device, keep)
+                for b in batches
+            ]
+        )
 
-    train_views = torch.stack([run_view(v) for v in range(views)]) if views else run(train).unsqueeze(0)
+    train_views = (
+        torch.stack([run_view(v) for v in range(views)]) if views else run(train).unsqueeze(0)
+    )
     return trainable, train_views, run(val)
 
 
@@ -275,21 +327,35 @@ def _validate(raw: torch.Tensor, labels: np.ndarray, triplets: np.ndarray, loss_
     retrieval = retrieval_metrics(emb, labels, recall_at=(1,))
     return {
         "val_loss": val_loss,
-        "val_triplet_accuracy": triplet_accuracy(emb, triplets[:, 0], triplets[:, 1], triplets[:, 2]),
+        "val_triplet_accuracy": triplet_accuracy(
+            emb, triplets[:, 0], triplets[:, 1], triplets[:, 2]
+        ),
         "val_precision_at_1": retrieval["precision_at_1"],
         "val_map_at_r": retrieval["map_at_r"],
     }
 
 
-def _step_source(steps: list[np.ndarray], train: SplitImages, prep: Preprocessing, params: TrainParams,
-                 epoch: int, cached: bool):
+def _step_source(
+    steps: list[np.ndarray],
+    train: SplitImages,
+    prep: Preprocessing,
+    params: TrainParams,
+    epoch: int,
+    cached: bool,
+):
     """Yield (images or None, rows, inverse) per step; images are decoded in DataLoader workers."""
     if cached:
         for rows in steps:
             yield None, torch.from_numpy(np.asarray(rows, dtype=np.int64)), None
         return
     dataset = StepDataset(train.encoded, steps, prep, params.augment, params.seed, epoch)
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=params.workers,
-                        persistent_workers=False, prefetch_factor=2 if params.workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=params.workers,
+        persistent_workers=False,
+        prefetch_factor=2 if params.workers else None,
+    )
     for rows, (images, inverse) in zip(steps, loader, strict=True):
         yield images, torch.from_numpy(np.asarray(rows, dtype=np.int64)), inverse

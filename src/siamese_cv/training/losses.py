@@ -56,7 +56,9 @@ def distance_of(loss_name: str) -> distances.BaseDistance:
 
 @_register(_MINERS, "semihard")
 def _semihard(margin: float, loss_name: str) -> nn.Module:
-    return miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard", distance=distance_of(loss_name))
+    return miners.TripletMarginMiner(
+        margin=margin, type_of_triplets="semihard", distance=distance_of(loss_name)
+    )
 
 
 @_register(_MINERS, "batch_hard")

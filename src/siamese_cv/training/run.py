@@ -31,23 +31,37 @@ def library_versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    return {"siamese_cv": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "numpy": np.__version__,
-            "pillow": PIL.__version__, "pytorch_metric_learning": pytorch_metric_learning.__version__}
+    return {
+        "siamese_cv": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+    }
 
 
 def load_split(name: str) -> SplitImages:
     table = read_table(paths.PROCESSED / f"{name}.parquet", ["image", "label"])
-    return SplitImages(table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64))
+    return SplitImages(
+        table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64)
+    )
 
 
 def preprocessing_of(params: Params, card: dict[str, Any]) -> Preprocessing:
-    return Preprocessing(params.preprocess.image_size, params.preprocess.resize,
-                         tuple(card["mean"]), tuple(card["std"]))
+    return Preprocessing(
+        params.preprocess.image_size,
+        params.preprocess.resize,
+        tuple(card["mean"]),
+        tuple(card["std"]),
+    )
 
 
-def train_and_save(params: Params, world: World = SINGLE,
-                   device: torch.device | None = None) -> dict[str, Any]:
+def train_and_save(
+    params: Params, world: World = SINGLE, device: torch.device | None = None
+) -> dict[str, Any]:
     """Train as `params` says and write models/model.safetensors + models/config.json.
 
     Args:
@@ -70,19 +84,33 @@ def train_and_save(params: Params, world: World = SINGLE,
 
     from dvclive import Live
 
-    logger = (Live(str(paths.TRAIN_LOG), dvcyaml=None, save_dvc_exp=False, report=None)
-              if world.main else contextlib.nullcontext())
+    logger = (
+        Live(str(paths.TRAIN_LOG), dvcyaml=None, save_dvc_exp=False, report=None)
+        if world.main
+        else contextlib.nullcontext()
+    )
     with logger as live:
+
         def log(row: dict) -> None:
             for key, value in row.items():
                 if key != "epoch":
                     live.log_metric(key, value)
             live.next_step()
 
-        result = fit(model, prep, load_split("train"), load_split("validation"),
-                     Schedule(steps, are_triplets), val_triplets, tp, precision, log,
-                     batch_size_eval=params.evaluate.batch_size, world=world,
-                     cache_precision=resolve_precision(params.evaluate.precision, precision.device))
+        result = fit(
+            model,
+            prep,
+            load_split("train"),
+            load_split("validation"),
+            Schedule(steps, are_triplets),
+            val_triplets,
+            tp,
+            precision,
+            log,
+            batch_size_eval=params.evaluate.batch_size,
+            world=world,
+            cache_precision=resolve_precision(params.evaluate.precision, precision.device),
+        )
 
     config = {
         "backbone": card["backbone"],

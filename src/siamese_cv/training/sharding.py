@@ -29,8 +29,9 @@ class Share:
     weight: float = 1.0
 
 
-def share_of(rows: np.ndarray, labels: np.ndarray, triplets: bool, rank: int, world: int,
-             equal: bool = False) -> Share:
+def share_of(
+    rows: np.ndarray, labels: np.ndarray, triplets: bool, rank: int, world: int, equal: bool = False
+) -> Share:
     """This process's share of one step's rows.
 
     Args:
@@ -61,18 +62,23 @@ def _triplet_share(rows: np.ndarray, rank: int, world: int) -> Share:
     return Share(abc[mine].T.ravel(), len(mine) * world / len(abc))
 
 
-def _class_share(rows: np.ndarray, labels: np.ndarray, rank: int, world: int,
-                 equal: bool) -> np.ndarray:
+def _class_share(
+    rows: np.ndarray, labels: np.ndarray, rank: int, world: int, equal: bool
+) -> np.ndarray:
     step_labels = labels[rows]
     _, first = np.unique(step_labels, return_index=True)
     classes = step_labels[np.sort(first)]  # in the order the step lists them
     if len(classes) < world:
-        raise UserError(f"a P x K step holds {len(classes)} classes, fewer than the {world} "
-                        "training processes; lower train.devices x train.nodes or use more classes")
+        raise UserError(
+            f"a P x K step holds {len(classes)} classes, fewer than the {world} "
+            "training processes; lower train.devices x train.nodes or use more classes"
+        )
     if equal and len(classes) % world:
-        raise UserError(f"train.cross_rank_negatives: a P x K step holds {len(classes)} classes, "
-                        f"which do not split evenly over {world} processes (fewer classes in the "
-                        "data than triplets.classes_per_batch?); set train.cross_rank_negatives: "
-                        f"false or use a multiple of {world} classes")
+        raise UserError(
+            f"train.cross_rank_negatives: a P x K step holds {len(classes)} classes, "
+            f"which do not split evenly over {world} processes (fewer classes in the "
+            "data than triplets.classes_per_batch?); set train.cross_rank_negatives: "
+            f"false or use a multiple of {world} classes"
+        )
     mine = np.array_split(classes, world)[rank]
     return rows[np.isin(step_labels, mine)]
