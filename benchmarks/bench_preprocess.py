@@ -40,18 +40,7 @@ def link_folder(files: list[tuple[str, str, Path]], root: Path) -> Path:
 def build_raw(folder: Path, raw_dir: Path) -> int:
     """data/raw for `folder`, as stages/download.py writes it; returns the image count."""
     _, records = open_source(str(folder), val_fraction=0.1, seed=42, retries=0, base_dir=folder)
-    rows = (
-        {
-            "id": r.id,
-            "split": r.split,
-            "label": r.label,
-            "label_name": r.label_name,
-            "source": r.source,
-            "image": r.image,
-            "error": r.error,
-        }
-        for r in records
-    )
+    rows = (r.row() for r in records)
     raw_dir.mkdir()
     return sum(write_splits(raw_dir, RAW_SCHEMA, rows, 256, SPLITS).values())
 

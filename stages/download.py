@@ -29,18 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         retries=params.data.retries,
         base_dir=Path.cwd(),
     )
-    rows = (
-        {
-            "id": r.id,
-            "split": r.split,
-            "label": r.label,
-            "label_name": r.label_name,
-            "source": r.source,
-            "image": r.image,
-            "error": r.error,
-        }
-        for r in records
-    )
+    rows = (r.row() for r in records)
     with atomic_path(paths.RAW) as tmp:
         tmp.mkdir()
         counts = write_splits(tmp, RAW_SCHEMA, rows, 256, SPLITS)

@@ -35,6 +35,10 @@ class Record:
     image: bytes | None
     error: str | None
 
+    def row(self) -> dict:
+        """The record as a row of data/raw/<split>.parquet (`parquet.RAW_SCHEMA`)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
 
 @dataclass(frozen=True)
 class SourceInfo:
