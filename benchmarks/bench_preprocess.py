@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "baseline: one process, PIL open + convert RGB + resize + save JPEG q95, file by file",
             "project: raw parquet -> processed parquet; safe decode (EXIF, reduced-size JPEG decode "
             f"when the shorter side is >= {2 * params.image_size} px), BICUBIC resize, "
-            "metadata-free JPEG with optimize=True",
+            "metadata-free JPEG",
             f"source photos: shorter side median {sides[len(sides) // 2]} px, max {sides[-1]} px",
             f"kept {kept} of {images} images; building the raw parquet is not timed",
         ],
