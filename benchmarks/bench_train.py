@@ -87,6 +87,7 @@ def main() -> None:
         start = time.perf_counter()
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             cached = prefix.eval()(images).float()
+        cached = cached.clone()  # a normal tensor: inference-mode tensors cannot enter autograd
         fill = time.perf_counter() - start
         cached = (
             cached.contiguous(memory_format=torch.channels_last) if cached.dim() == 4 else cached
