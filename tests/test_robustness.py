@@ -283,14 +283,14 @@ def test_hub_offline_mode_fails_at_once_without_retries(tmp_path) -> None:
     assert "OfflineModeIsEnabled" in line and "attempts" not in line
 
 
-@pytest.mark.slow  # the hub client's own backoff: about 25 s an attempt
 @pytest.mark.parametrize("retries", [0, None], ids=["retries-0", "default-retries"])
 def test_no_network_is_one_line_naming_the_offline_profile(tmp_path, retries) -> None:
+    """Without DNS for the hub the stage goes offline at once: no retries, whatever data.retries."""
     if _hub_resolves():
         pytest.skip("needs a machine that cannot reach huggingface.co")
     overrides = {} if retries is None else {"data.retries": str(retries)}
     line = _download_default(tmp_path, overrides, offline="0")
-    assert ("4 attempts" in line) == (retries is None), line  # params.yaml: retries 3
+    assert "OfflineModeIsEnabled" in line and "attempts" not in line, line
 
 
 # --- a pickle payload as model.weights, through the download stage ---------------------------
