@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from siamese_cv._logs import quiet_loggers
 from siamese_cv.errors import UserError
 from siamese_cv.params import Params
 from siamese_cv.training.distributed import World, barrier, launched, process_group, rank_device
@@ -143,12 +144,5 @@ def _failure_line(error: Any, processes: int) -> str:
 def _quiet(prefixes: tuple[str, ...]) -> Iterator[None]:
     """Silence the launcher's own log lines (it dumps every failure): ours is the one line."""
     names = [n for n in logging.Logger.manager.loggerDict if n.startswith(prefixes)]
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
+    with quiet_loggers(names, logging.CRITICAL):
         yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from siamese_cv._logs import quiet_loggers
 from siamese_cv.errors import UserError
 
 from ._common import SPLIT_ALIASES, Record, SourceInfo, _read, stratified_holdout
@@ -89,15 +90,8 @@ def _quiet_hub_logs() -> Iterator[None]:
     Offline, huggingface_hub logs two stderr lines per HTTP retry; the outcome is reported as the
     single UserError line of `_with_retries` instead.
     """
-    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
+    with quiet_loggers(("huggingface_hub", "datasets", "fsspec"), logging.ERROR):
         yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _with_retries(
