@@ -2,23 +2,42 @@
 
 Unreadable images are skipped, never fatal, and listed with their reasons in
 metrics/data_report.json; a class left with one image or a split left empty stops the pipeline,
-because no triplet could be drawn from it.
+because no triplet could be drawn from it. With `preprocess.shards` > 1 the stage runs itself
+once per shard (`--shard I`) and merges the pieces into the same files.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 
 from siamese_cv import paths
-from siamese_cv.data.preprocessing import preprocess_splits
+from siamese_cv.data.preprocessing import preprocess_shard, preprocess_splits
 from siamese_cv.errors import UserError
 from siamese_cv.io import write_json
-from siamese_cv.stage import run_stage, stage_params
+from siamese_cv.stage import run_stage, stage_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    params = stage_params(argv, __doc__)
-    report = preprocess_splits(paths.RAW, paths.PROCESSED, params.preprocess)
+    params, args = stage_args(argv, __doc__, sharded=True)
+    count = params.preprocess.shards
+    if args.shard is not None:
+        manifest = preprocess_shard(
+            paths.RAW, params.preprocess, args.shard, args.key, args.workers
+        )
+        kept = sum(sum(c.values()) for c in manifest["kept"].values())
+        skipped = sum(map(len, manifest["skipped"].values()))
+        print(f"preprocess: shard {args.shard} of {count}: kept {kept}, skipped {skipped}")
+        return 0
+
+    def shard_command(index: int, key: str, workers: int) -> list[str]:
+        return [
+            sys.executable, os.path.relpath(__file__), "--params", args.params,
+            "--shard", str(index), "--key", key, "--workers", str(workers),
+        ]  # fmt: skip
+
+    report = preprocess_splits(paths.RAW, paths.PROCESSED, params.preprocess, shard_command)
     write_json(paths.DATA_REPORT, report)
     if report["problems"]:
         more = len(report["problems"]) - 1

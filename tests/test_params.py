@@ -52,6 +52,7 @@ def test_defaults_fill_missing_sections(tmp_path):
             "preprocess.resize: 'squash' is not one of stretch, shorter_side_crop",
         ),
         ({"train": {"freeze": "most"}}, "train.freeze: 'most' is not one of none, all"),
+        ({"preprocess": {"shards": 0}}, "preprocess.shards: 0 must be >= 1"),
         ({"train": {"miner": "semihard"}}, "set triplets.sampler: pk"),
         (
             {"export": {"splits": ["holdout"]}},

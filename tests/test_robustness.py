@@ -392,11 +392,12 @@ def _killed_by_sigkill(stderr: str) -> bool:
 
 
 def _kill_stage(
-    project: Path, stage: str, moment, command: tuple[str, ...]
+    project: Path, stage: str, moment, command: tuple[str, ...], shard: int | None = None
 ) -> subprocess.CompletedProcess:
     """Run `command`, SIGKILL the stage's python process once `moment(process)` is true.
 
-    `command` is `dvc repro ...` (the stage runs as its child) or the stage script itself.
+    `command` is `dvc repro ...` (the stage runs as its child) or the stage script itself;
+    with `shard`, the process killed is that shard's (`stages/<stage>.py ... --shard N`).
     Returns the command's result; fails if the stage ended before the moment came, or if the
     command does not exit after the kill (something the stage started still holds its stdout).
     """
@@ -413,7 +414,7 @@ def _kill_stage(
     try:
         while proc.poll() is None and not killed:
             if victim is None:
-                victim = next((p for p in _family(proc.pid) if _is_stage(p, stage)), None)
+                victim = next((p for p in _family(proc.pid) if _is_stage(p, stage, shard)), None)
             if victim is not None and moment(victim):
                 family = victim.children(recursive=True)
                 try:
@@ -440,13 +441,17 @@ def _kill_stage(
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
-def _is_stage(process: psutil.Process, stage: str) -> bool:
-    """The python running stages/<stage>.py (not a shell that might wrap it)."""
+def _is_stage(process: psutil.Process, stage: str, shard: int | None = None) -> bool:
+    """The python running stages/<stage>.py (not a shell that might wrap it), or one shard of it."""
     try:
         args = process.cmdline()
     except psutil.Error:
         return False
-    return len(args) >= 2 and "python" in Path(args[0]).name and args[1] == f"stages/{stage}.py"
+    if len(args) < 2 or "python" not in Path(args[0]).name or args[1] != f"stages/{stage}.py":
+        return False
+    if shard is None:
+        return "--shard" not in args
+    return "--shard" in args[:-1] and args[args.index("--shard") + 1] == str(shard)
 
 
 def _family(pid: int) -> list[psutil.Process]:
@@ -556,6 +561,73 @@ def test_killed_preprocess_script_keeps_the_previous_output(kill_template, refer
     assert _not_outputs(project / "data", {"raw", "processed"}) == []
     out = run(project, *DVC_REPRO, "preprocess").stdout
     assert ran(out) == set() and "didn't change" in out, out
+
+
+def _without_shards(report: Path) -> dict:
+    data = json.loads(report.read_text())
+    data["preprocess"].pop("shards")
+    return data
+
+
+def _shard_lines(output: str, stage: str) -> set[int]:
+    """The shards a stage's output says it ran (`<stage>: shard I of N: ...`)."""
+    return {int(n) for n in re.findall(rf"^{stage}: shard (\d+) of \d+:", output, re.MULTILINE)}
+
+
+@pytest.mark.slow
+def test_a_killed_shard_is_the_only_one_redone(kill_template, reference) -> None:
+    """preprocess.shards 4: killing shard 2's process fails the stage but keeps shards 0, 1, 3;
+    the next `dvc repro` runs shard 2 alone, and the merged output is byte for byte the
+    single-shard run's."""
+    project = _copy(kill_template, "preprocess-shards")
+    apply_params(project, {"preprocess.shards": "4"})
+    commit(project)
+    pieces = project / "data/.shards/preprocess"
+    result = _kill_stage(
+        project,
+        "preprocess",
+        _when(project, "data/.shards/preprocess/.tmp-shard-2-of-4-*"),
+        (*DVC_REPRO, "preprocess"),
+        shard=2,
+    )
+    assert "failed to reproduce 'preprocess'" in result.stderr
+    assert "error: preprocess: shard 2 (killed by SIGKILL) of 4 failed" in result.stderr
+    assert _shard_lines(result.stdout, "preprocess") == {0, 1, 3}, result.stdout
+    done = {p.name for p in pieces.iterdir() if (p / "done.json").is_file()}
+    assert done == {"shard-0-of-4", "shard-1-of-4", "shard-3-of-4"}
+    assert not (project / "data/processed").exists()
+    out = run(project, *DVC_REPRO, "preprocess").stdout
+    assert "preprocess: 4 shards; shards 0, 1, 3 already done, kept; running shard 2" in out, out
+    assert _shard_lines(out, "preprocess") == {2}, out
+    assert _bytes(project / "data/processed") == _bytes(reference / "data/processed")
+    assert _without_shards(project / "metrics/data_report.json") == _without_shards(
+        reference / "metrics/data_report.json"
+    )
+    assert not pieces.exists()  # merged, then removed
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["processed", "raw"]
+
+
+@pytest.mark.slow
+def test_a_killed_sharded_stage_takes_its_shards_with_it(kill_template) -> None:
+    """SIGKILL of the stage process itself: no shard process outlives it (checked by
+    `_kill_stage`), and the shards that had finished are kept for the next run."""
+    project = _copy(kill_template, "preprocess-shards-parent")
+    apply_params(project, {"preprocess.shards": "4"})
+    commit(project)
+    result = _kill_stage(
+        project,
+        "preprocess",
+        _when(project, "data/.shards/preprocess/shard-0-of-4/done.json"),
+        (*DVC_REPRO, "preprocess"),
+    )
+    assert _killed_by_sigkill(result.stderr), result.stderr
+    out = run(project, *DVC_REPRO, "preprocess").stdout
+    kept = re.search(r"^preprocess: 4 shards; shards? ([\d, ]+) already done, kept", out, re.M)
+    assert kept and 0 in {int(n) for n in kept.group(1).split(", ")}, out  # done before the kill
+    assert _shard_lines(out, "preprocess") == {0, 1, 2, 3} - {
+        int(n) for n in kept.group(1).split(", ")
+    }, out
+    assert sorted(p.name for p in (project / "data").iterdir()) == ["processed", "raw"]
 
 
 @pytest.mark.slow

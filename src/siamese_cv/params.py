@@ -55,6 +55,13 @@ class PreprocessParams:
     quality: int = _opt(95, ge=1, le=100)
     workers: int = _opt(0, ge=0, doc="0 uses every core")
     row_group_size: int = _opt(256, ge=1)
+    shards: int = _opt(
+        1,
+        ge=1,
+        le=4096,
+        doc="pieces processed by separate processes, each resumable after a failure; "
+        "the output is the same for any count",
+    )
 
 
 @dataclass(frozen=True)

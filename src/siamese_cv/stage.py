@@ -14,12 +14,31 @@ from siamese_cv.params import PARAMS_FILE, Params, load_params
 
 def stage_params(argv: Sequence[str] | None, description: str) -> Params:
     """Parse a stage's arguments and return its validated parameters."""
+    return stage_args(argv, description)[0]
+
+
+def stage_args(
+    argv: Sequence[str] | None, description: str, sharded: bool = False
+) -> tuple[Params, argparse.Namespace]:
+    """Parse a stage's arguments; a `sharded` stage also takes the options of one shard's run.
+
+    `--shard I --key K --workers W` are what a sharded stage passes to its own shard processes
+    (see `siamese_cv.shards`); without `--shard` the stage runs whole.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--params", default=PARAMS_FILE, help="parameters file (default: params.yaml)"
     )
+    if sharded:
+        parser.add_argument("--shard", type=int, help="run only this shard (started by the stage)")
+        parser.add_argument("--key", help="the shard's input key (set by the stage)")
+        parser.add_argument("--workers", type=int, default=1, help="processes or threads to use")
     args = parser.parse_args(argv)
-    return load_params(args.params)
+    shard = sharded and args.shard is not None
+    if shard and not args.key:
+        parser.error("--shard needs --key (shards are started by the stage itself)")
+    # A shard's stage has checked everything already; the registry check would import torch.
+    return load_params(args.params, check=not shard), args
 
 
 def run_stage(main: Callable[[Sequence[str] | None], int | None]) -> None:
@@ -27,5 +46,8 @@ def run_stage(main: Callable[[Sequence[str] | None], int | None]) -> None:
     started = time.perf_counter()
     status = run_cli(main)
     if status == 0:
-        print(f"{Path(sys.argv[0]).stem}: done in {time.perf_counter() - started:.1f} s")
+        name = Path(sys.argv[0]).stem
+        if "--shard" in sys.argv[:-1]:
+            name += f" shard {sys.argv[sys.argv.index('--shard') + 1]}"
+        print(f"{name}: done in {time.perf_counter() - started:.1f} s")
     sys.exit(status)

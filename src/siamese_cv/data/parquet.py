@@ -63,6 +63,35 @@ def iter_batches(path: Path, columns: list[str], batch_size: int = 256) -> Itera
     yield from _open(path).iter_batches(batch_size=batch_size, columns=columns)
 
 
+def count_rows(path: Path) -> int:
+    """Rows of a parquet file, from its footer."""
+    return _open(path).metadata.num_rows
+
+
+def iter_row_range(
+    path: Path, columns: list[str], start: int, stop: int, batch_size: int = 256
+) -> Iterator[pa.RecordBatch]:
+    """Stream rows `[start, stop)` of a parquet file, reading only the row groups they span."""
+    file = _open(path)
+    groups, offset, first = [], 0, None
+    for index in range(file.metadata.num_row_groups):
+        rows = file.metadata.row_group(index).num_rows
+        if offset < stop and offset + rows > start:
+            groups.append(index)
+            first = offset if first is None else first
+        offset += rows
+    if not groups or start >= stop:
+        return
+    position = first
+    for batch in file.iter_batches(batch_size=batch_size, columns=columns, row_groups=groups):
+        lo, hi = max(start - position, 0), min(stop - position, batch.num_rows)
+        position += batch.num_rows
+        if hi > lo:
+            yield batch.slice(lo, hi - lo)
+        if position >= stop:
+            break
+
+
 def _open(path: Path) -> pq.ParquetFile:
     if not path.is_file():
         raise UserError(f"{path}: missing; run the stage that writes it (`dvc repro`)")

@@ -1,4 +1,10 @@
-"""Raw splits -> resized, re-encoded parquet splits, in parallel, with a report of what was skipped."""
+"""Raw splits -> resized, re-encoded parquet splits, in parallel, with a report of what was skipped.
+
+With `preprocess.shards: N` > 1 each split's rows are cut into N contiguous ranges; shard i's
+process writes the resized rows of range i of every split as a piece (see `siamese_cv.shards`),
+and the pieces are concatenated in shard order into the same `<split>.parquet` files, row groups
+and bytes, that one shard writes.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +15,34 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from siamese_cv.data.images import ImageError, prepare_image
-from siamese_cv.data.parquet import PROCESSED_SCHEMA, iter_batches, write_rows
+from siamese_cv.data.parquet import (
+    PROCESSED_SCHEMA,
+    count_rows,
+    iter_batches,
+    iter_row_range,
+    write_rows,
+)
+from siamese_cv.errors import UserError
 from siamese_cv.io import atomic_path
 from siamese_cv.params import SPLITS, PreprocessParams
+from siamese_cv.shards import (
+    SHARDS_ROOT,
+    ShardStore,
+    code_digest,
+    describe_exit,
+    fingerprint_files,
+    make_key,
+    run_shards,
+    shard_range,
+)
+
+STORE = SHARDS_ROOT / "preprocess"
 
 
 def available_cores() -> int:
@@ -69,12 +94,12 @@ def _executor(workers: int) -> Executor | None:
     )
 
 
-def _process_split(
-    raw: Path, params: PreprocessParams, pool: Executor | None, skipped: list[dict], kept: Counter
+def _process_rows(
+    batches: Iterator, params: PreprocessParams, pool: Executor | None, manifest: dict
 ) -> Iterator[dict]:
-    columns = ["id", "split", "label", "label_name", "source", "image", "error"]
+    """Resize each row of `batches`; count kept rows and list skipped ones in `manifest`."""
     size = params.image_size
-    for batch in iter_batches(raw, columns, params.row_group_size):
+    for batch in batches:
         rows = batch.to_pylist()
         todo = [r for r in rows if r["image"] is not None]
         jobs = [(r["image"], size, params.resize, params.format, params.quality) for r in todo]
@@ -84,11 +109,12 @@ def _process_split(
         for r in rows:
             image, reason = outcome.get(id(r), (None, r["error"] or "no image bytes"))
             if image is None:
-                skipped.append(
+                manifest["skipped"][r["split"]].append(
                     {"id": r["id"], "split": r["split"], "source": r["source"], "reason": reason}
                 )
                 continue
-            kept[(r["split"], r["label_name"])] += 1
+            kept = manifest["kept"][r["split"]]
+            kept[r["label_name"]] = kept.get(r["label_name"], 0) + 1
             yield {
                 "id": r["id"],
                 "label": r["label"],
@@ -99,27 +125,168 @@ def _process_split(
             }
 
 
-def preprocess_splits(raw_dir: Path, out_dir: Path, params: PreprocessParams) -> dict[str, Any]:
+def preprocess_range(
+    raw_dir: Path,
+    out_dir: Path,
+    params: PreprocessParams,
+    pool: Executor | None,
+    index: int = 0,
+    count: int = 1,
+) -> dict[str, Any]:
+    """Write `out_dir/<split>.parquet` from rows of shard `index` of `count` of each raw split.
+
+    Returns:
+        The piece's manifest: kept images per split and class, skipped files per split.
+    """
+    columns = ["id", "split", "label", "label_name", "source", "image", "error"]
+    manifest: dict[str, Any] = {"kept": {s: {} for s in SPLITS}, "skipped": {s: [] for s in SPLITS}}
+    for split in SPLITS:
+        raw = raw_dir / f"{split}.parquet"
+        if count == 1:
+            batches = iter_batches(raw, columns, params.row_group_size)
+        else:
+            start, stop = shard_range(count_rows(raw), index, count)
+            batches = iter_row_range(raw, columns, start, stop, params.row_group_size)
+        rows = _process_rows(batches, params, pool, manifest)
+        write_rows(out_dir / f"{split}.parquet", PROCESSED_SCHEMA, rows, params.row_group_size)
+    return manifest
+
+
+def shard_key(raw_dir: Path, params: PreprocessParams) -> str:
+    """The key of the pieces: raw contents, output parameters, code and library versions."""
+    import PIL
+    import pyarrow
+
+    from siamese_cv.data import images, parquet
+
+    output = {k: v for k, v in params.__dict__.items() if k != "workers"}
+    return make_key(
+        {
+            "stage": "preprocess",
+            "raw": fingerprint_files([raw_dir / f"{s}.parquet" for s in SPLITS]),
+            "params": output,
+            "code": code_digest(sys.modules[__name__], images, parquet),
+            "versions": [PIL.__version__, pyarrow.__version__],
+        }
+    )
+
+
+def preprocess_shard(
+    raw_dir: Path, params: PreprocessParams, index: int, key: str, workers: int
+) -> dict[str, Any]:
+    """Shard `index`'s process: write its piece under `key`; returns its manifest."""
+    store = ShardStore(STORE, params.shards)
+    manifest: dict[str, Any] = {}
+    pool = _executor(workers)
+    try:
+        with store.write(index, key, manifest) as tmp:
+            manifest.update(preprocess_range(raw_dir, tmp, params, pool, index, params.shards))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return manifest
+
+
+def preprocess_splits(
+    raw_dir: Path,
+    out_dir: Path,
+    params: PreprocessParams,
+    shard_command: Callable[[int, str, int], list[str]] | None = None,
+) -> dict[str, Any]:
     """Write `out_dir/<split>.parquet` for each split of `raw_dir`; return the data report.
 
     The report's `problems` lists each split left empty and each class left with a single image:
     the caller writes the report first, then stops, so the reasons are there to read.
+
+    Args:
+        shard_command: with `params.shards` > 1, the argv that runs shard i under key k with w
+            decoding processes (`stages/preprocess.py --shard i --key k --workers w`).
+
+    Raises:
+        UserError: a shard's process failed; the finished shards are kept for the next run.
     """
-    skipped: list[dict] = []
-    kept: Counter = Counter()
-    problems: list[str] = []
     workers = params.workers or available_cores()
-    pool = _executor(workers)
-    try:
-        with atomic_path(out_dir) as tmp:
-            tmp.mkdir()
-            for split in SPLITS:
-                rows = _process_split(raw_dir / f"{split}.parquet", params, pool, skipped, kept)
-                write_rows(tmp / f"{split}.parquet", PROCESSED_SCHEMA, rows, params.row_group_size)
-                problems.extend(_split_problems(split, kept, skipped))
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    if params.shards == 1:
+        pool = _executor(workers)
+        try:
+            with atomic_path(out_dir) as tmp:
+                tmp.mkdir()
+                manifests = [preprocess_range(raw_dir, tmp, params, pool)]
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        ShardStore(STORE, 1).remove()  # pieces of an earlier, unfinished sharded run
+    else:
+        if shard_command is None:
+            raise ValueError("preprocess.shards > 1 needs the command that runs one shard")
+        manifests = _run_sharded(raw_dir, out_dir, params, workers, shard_command)
+    return _report(manifests, params, workers)
+
+
+def _run_sharded(
+    raw_dir: Path,
+    out_dir: Path,
+    params: PreprocessParams,
+    workers: int,
+    shard_command: Callable[[int, str, int], list[str]],
+) -> list[dict[str, Any]]:
+    count = params.shards
+    store = ShardStore(STORE, count)
+    key = shard_key(raw_dir, params)
+    store.prune(key)
+    todo = [i for i in range(count) if not store.done(i, key)]
+    kept = [i for i in range(count) if i not in todo]
+    parallel = max(1, min(len(todo), workers))
+    per_shard = max(1, workers // parallel)
+    print(
+        f"preprocess: {count} shards"
+        + (f"; {_names(kept)} already done, kept" if kept else "")
+        + (f"; running {_names(todo)} ({parallel} at a time)" if todo else ""),
+        flush=True,
+    )
+    failed = run_shards(lambda i: shard_command(i, key, per_shard), todo, parallel)
+    if failed:
+        why = ", ".join(f"{i} ({describe_exit(code)})" for i, code in sorted(failed.items()))
+        raise UserError(
+            f"preprocess: shard {why} of {count} failed; the other shards are kept, and "
+            "`dvc repro` redoes only the failed ones"
+        )
+    manifests = [store.manifest(i) for i in range(count)]
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for split in SPLITS:
+            pieces = [store.piece(i) / f"{split}.parquet" for i in range(count)]
+            write_rows(
+                tmp / f"{split}.parquet",
+                PROCESSED_SCHEMA,
+                _concat_rows(pieces, params.row_group_size),
+                params.row_group_size,
+            )
+    store.remove()
+    return manifests
+
+
+def _names(shards: list[int]) -> str:
+    return ("shard " if len(shards) == 1 else "shards ") + ", ".join(map(str, shards))
+
+
+def _concat_rows(pieces: list[Path], batch_size: int) -> Iterator[dict]:
+    columns = PROCESSED_SCHEMA.names
+    for piece in pieces:
+        for batch in iter_batches(piece, columns, batch_size):
+            yield from batch.to_pylist()
+
+
+def _report(manifests: list[dict[str, Any]], params: PreprocessParams, workers: int) -> dict:
+    """The data report of the whole dataset from the pieces' manifests, in shard order."""
+    kept: Counter = Counter()
+    skipped: list[dict] = []
+    problems: list[str] = []
+    for split in SPLITS:
+        for manifest in manifests:
+            kept.update({(split, c): n for c, n in manifest["kept"][split].items()})
+            skipped.extend(manifest["skipped"][split])
+        problems.extend(_split_problems(split, kept, skipped))
     per_split = {s: {c: n for (sp, c), n in sorted(kept.items()) if sp == s} for s in SPLITS}
     reasons = Counter(item["reason"].split(":")[0] for item in skipped)
     return {
@@ -136,6 +303,7 @@ def preprocess_splits(raw_dir: Path, out_dir: Path, params: PreprocessParams) ->
             "resize": params.resize,
             "format": params.format,
             "workers": workers,
+            "shards": params.shards,
         },
     }
 
