@@ -7,8 +7,9 @@ hardware is fast at it, and returns float32 vectors, L2-normalised unless asked 
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -85,7 +86,10 @@ class Embedder:
 
     def embed_encoded(self, encoded: Iterable[bytes]) -> np.ndarray:
         """Embed image bytes, decoding the next batch while the current one runs."""
-        return self._run(_chunks(encoded, self.batch_size))
+        return self.embed_batches(
+            functools.partial(decode_batch, chunk, self.prep)
+            for chunk in _chunks(encoded, self.batch_size)
+        )
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         chunks = [images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size)]
@@ -101,12 +105,13 @@ class Embedder:
 
         return self.embed_encoded(encoded())
 
-    def _run(self, chunks: Iterator[list[bytes]]) -> np.ndarray:
+    def embed_batches(self, makers: Iterable[Callable[[], torch.Tensor]]) -> np.ndarray:
+        """Embed the batches `makers` build, building the next (in a thread) while one runs."""
         outs: list[np.ndarray] = []
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = None
-            for chunk in chunks:
-                future = pool.submit(decode_batch, chunk, self.prep)
+            for make in makers:
+                future = pool.submit(make)
                 if pending is not None:
                     outs.append(self.embed_tensor(pending.result()))
                 pending = future

@@ -16,6 +16,8 @@ import yaml
 
 from siamese_cv.errors import ParamsError
 
+PROXY_LOSSES = ("normalized_softmax", "proxy_anchor")  # one learned vector per class, no miner
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -95,9 +97,21 @@ class TrainParams:
     weight_decay: float = _opt(0.0, ge=0.0)
     scheduler: str = _opt("none", choices=("none", "cosine"))
     warmup_epochs: float = _opt(0.0, ge=0.0)
-    loss: str = _opt("triplet_l2sq", choices=("triplet_l2sq", "triplet_cosine", "multi_similarity"))
+    loss: str = _opt(
+        "triplet_l2sq",
+        choices=(
+            "triplet_l2sq",
+            "triplet_cosine",
+            "multi_similarity",
+            "proxy_anchor",
+            "normalized_softmax",
+        ),
+    )
     miner: str = _opt("none", choices=("none", "semihard", "batch_hard", "multi_similarity"))
     margin: float = _opt(1.0, ge=0.0)
+    proxy_lr: float = _opt(
+        0.0, ge=0.0, doc="proxy losses: learning rate of the class proxies; 0 uses 100 x train.lr"
+    )
     freeze: str | int = _opt(
         "none",
         doc="none | all | N: freeze the backbone's first N stages (negative N: all but the last -N)",
@@ -247,6 +261,11 @@ def _check_cross(params: Params) -> None:
         raise ParamsError(
             f"train.miner: {params.train.miner!r} mines inside class-balanced batches; set triplets.sampler: pk"
         )
+    if params.train.loss in PROXY_LOSSES and params.train.miner != "none":
+        raise ParamsError(
+            f"train.loss: {params.train.loss} compares samples with class proxies and uses no "
+            "miner; set train.miner: none"
+        )
     if params.train.loss == "multi_similarity" and params.triplets.sampler != "pk":
         raise ParamsError(
             "train.loss: multi_similarity needs class-balanced batches; set triplets.sampler: pk"
@@ -257,6 +276,11 @@ def _check_cross(params: Params) -> None:
 def _check_distributed(params: Params) -> None:
     """Several processes split each step's rows: every process must get whole classes to compare."""
     train, world = params.train, params.train.devices * params.train.nodes
+    if train.cross_rank_negatives and train.loss in PROXY_LOSSES:
+        raise ParamsError(
+            f"train.cross_rank_negatives: {train.loss} compares samples with class proxies, "
+            "not with other processes' samples; set train.cross_rank_negatives: false"
+        )
     if train.cross_rank_negatives and params.triplets.sampler != "pk":
         raise ParamsError(
             "train.cross_rank_negatives: the random sampler's triplets already name "

@@ -111,3 +111,24 @@ def test_pk_batches_with_a_miner_and_cached_augmented_views():
     result = run(params, freeze=2, pk=True)
     assert result.cached_features
     assert result.best["val_map_at_r"] > 0.8
+
+
+@pytest.mark.parametrize("loss", ["proxy_anchor", "normalized_softmax"])
+def test_proxy_losses_train_the_model_and_their_class_proxies(loss):
+    params = TrainParams(epochs=4, lr=3e-3, workers=0, loss=loss, margin=0.1)
+    result = run(params, pk=True)
+    before = untrained_map_at_r()
+    assert result.best["val_map_at_r"] > before + 0.15, (before, result.best)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_the_optimizer_trains_a_proxy_loss_at_its_own_learning_rate():
+    from siamese_cv.training.losses import build_loss
+
+    model, _ = build_model("tiny", "linear", 16)
+    proxies = build_loss("proxy_anchor", 0.1, num_classes=3, dim=16)
+    optimizer = loop._optimizer(model, TrainParams(lr=1e-3), proxies)
+    assert [g["lr"] for g in optimizer.param_groups][-1] == pytest.approx(0.1)
+    assert optimizer.param_groups[-1]["params"] == list(proxies.parameters())
+    optimizer = loop._optimizer(model, TrainParams(lr=1e-3, proxy_lr=0.05), proxies)
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.05)

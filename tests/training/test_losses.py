@@ -36,7 +36,7 @@ def test_every_loss_trains_and_miners_mine():
     emb = torch.randn(16, 6, requires_grad=True)
     labels = torch.arange(16) % 4
     for name in list_losses():
-        loss = build_loss(name, 0.2)(emb, labels, None)
+        loss = build_loss(name, 0.2, num_classes=4, dim=6)(emb, labels, None)
         loss.backward()
         assert torch.isfinite(loss)
     for miner in ("semihard", "batch_hard", "multi_similarity"):

@@ -7,8 +7,9 @@ Augmentation is seeded per (seed, epoch, batch), so results do not depend on wor
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,15 +35,23 @@ def augmenter(size: int):
 
 def augmented_batches(
     encoded: Sequence[bytes], prep: Preprocessing, seed: int, view: int, batch_size: int
-):
-    """Yield normalised batches of one seeded augmented view of every image, in row order."""
+) -> Iterator[Callable[[], torch.Tensor]]:
+    """Yield makers of normalised batches of one seeded augmented view of every image, in order.
+
+    Each maker seeds every image by (seed, view, row), so a batch is the same whichever thread
+    makes it and whatever the batch size.
+    """
     transform = augmenter(prep.image_size)
-    for start in range(0, len(encoded), batch_size):
+
+    def make(start: int) -> torch.Tensor:
         images = []
         for row in range(start, min(start + batch_size, len(encoded))):
             torch.manual_seed(hash((seed, -1 - view, row)) % 2**63)
             images.append(transform(Image.open(io.BytesIO(encoded[row])).convert("RGB")))
-        yield to_tensor(images, prep)
+        return to_tensor(images, prep)
+
+    for start in range(0, len(encoded), batch_size):
+        yield functools.partial(make, start)
 
 
 class StepDataset(Dataset):

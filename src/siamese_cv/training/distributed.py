@@ -144,6 +144,22 @@ def sync_buffers(module: nn.Module, world: World) -> None:
         dist.broadcast(buffer, src=0)
 
 
+def average_gradients(module: nn.Module, world: World) -> None:
+    """Average the gradients of a module DDP does not wrap (a proxy loss's class vectors).
+
+    Each rank's gradient comes from its share of the step, weighted so that their mean is the
+    step's gradient, as DDP averages the model's.
+    """
+    if not world.distributed:
+        return
+    import torch.distributed as dist
+
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world.size
+
+
 def mean_over_ranks(value: float, world: World, device: torch.device) -> float:
     """The mean of a per-rank number (the epoch's training loss) over all ranks."""
     if not world.distributed:

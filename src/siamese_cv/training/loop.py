@@ -82,12 +82,18 @@ def _lr_lambda(params: TrainParams, steps_per_epoch: int) -> Callable[[int], flo
     return factor
 
 
-def _optimizer(model: EmbeddingNet, params: TrainParams) -> torch.optim.Optimizer:
+def _optimizer(
+    model: EmbeddingNet, params: TrainParams, loss: torch.nn.Module
+) -> torch.optim.Optimizer:
+    """Head at train.lr, backbone at train.backbone_lr, a proxy loss's class vectors at proxy_lr."""
     head = [p for p in model.head.parameters() if p.requires_grad]
     body = [p for p in model.backbone.parameters() if p.requires_grad]
+    proxies = list(loss.parameters())
     groups = [{"params": head, "lr": params.lr}]
     if body:
         groups.append({"params": body, "lr": params.backbone_lr or params.lr})
+    if proxies:
+        groups.append({"params": proxies, "lr": params.proxy_lr or 100 * params.lr})
     if params.optimizer == "adam":
         return torch.optim.Adam(groups, lr=params.lr, weight_decay=params.weight_decay)
     if params.optimizer == "adamw":
@@ -131,7 +137,8 @@ def fit(
         Per-epoch history, the best epoch (1-based) and its metrics.
     """
     device = precision.device
-    base_loss = build_loss(params.loss, params.margin).to(device)
+    num_classes = int(max(train.labels.max(), val.labels.max())) + 1
+    base_loss = build_loss(params.loss, params.margin, num_classes, model.embedding_dim).to(device)
     loss_fn, miner = base_loss, build_miner(params.miner, params.margin, params.loss)
     cross = world.distributed and params.cross_rank_negatives
     if cross and schedule.triplets:
@@ -163,7 +170,7 @@ def fit(
     net = distributed.wrap(trainable if cached else model, world, device)
 
     steps_per_epoch = len(schedule.epochs[0])
-    optimizer = _optimizer(model, params)
+    optimizer = _optimizer(model, params, base_loss)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype == torch.float16)
     result = TrainResult(cached_features=cached)
@@ -198,6 +205,7 @@ def fit(
             loss = loss_fn(emb, labels, indices) * shares[step].weight
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            distributed.average_gradients(base_loss, world)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -304,13 +312,8 @@ def _cache_frozen_prefix(
         return torch.from_numpy(extractor.embed_encoded(split.encoded)).to(precision.device, keep)
 
     def run_view(view: int) -> torch.Tensor:
-        batches = augmented_batches(train.encoded, prep, seed, view, batch_size)
-        return torch.cat(
-            [
-                torch.from_numpy(extractor.embed_tensor(b)).to(precision.device, keep)
-                for b in batches
-            ]
-        )
+        makers = augmented_batches(train.encoded, prep, seed, view, batch_size)
+        return torch.from_numpy(extractor.embed_batches(makers)).to(precision.device, keep)
 
     train_views = (
         torch.stack([run_view(v) for v in range(views)]) if views else run(train).unsqueeze(0)

@@ -1,7 +1,9 @@
 """Losses and miners, composed from pytorch-metric-learning by injection.
 
 Every loss takes `(embeddings, labels, indices_tuple)`: the original's fixed triplets are passed
-as an `indices_tuple`, online miners produce one, so one training loop serves both.
+as an `indices_tuple`, online miners produce one, so one training loop serves both. Proxy losses
+(`proxy_anchor`, `normalized_softmax`) learn one vector per class instead of comparing samples:
+they ignore the tuple and add their own parameters, which the optimizer must train too.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pytorch_metric_learning import distances, losses, miners, reducers
 from torch import nn
 
 from siamese_cv.errors import UserError
+from siamese_cv.params import PROXY_LOSSES
 
-_LOSSES: dict[str, Callable[[float], nn.Module]] = {}
+_LOSSES: dict[str, Callable[[float, int, int], nn.Module]] = {}
 _MINERS: dict[str, Callable[[float, str], nn.Module]] = {}
 
 
@@ -28,7 +31,7 @@ def _register(table: dict, name: str):
 
 
 @_register(_LOSSES, "triplet_l2sq")
-def _triplet_l2sq(margin: float) -> nn.Module:
+def _triplet_l2sq(margin: float, num_classes: int, dim: int) -> nn.Module:
     """The original: mean(relu(||a-p||^2 - ||a-n||^2 + margin)) on un-normalised embeddings."""
     return losses.TripletMarginLoss(
         margin=margin,
@@ -38,14 +41,37 @@ def _triplet_l2sq(margin: float) -> nn.Module:
 
 
 @_register(_LOSSES, "triplet_cosine")
-def _triplet_cosine(margin: float) -> nn.Module:
+def _triplet_cosine(margin: float, num_classes: int, dim: int) -> nn.Module:
     """Triplet margin on cosine similarity of L2-normalised embeddings: the metric search uses."""
     return losses.TripletMarginLoss(margin=margin, distance=distances.CosineSimilarity())
 
 
 @_register(_LOSSES, "multi_similarity")
-def _multi_similarity(margin: float) -> nn.Module:
+def _multi_similarity(margin: float, num_classes: int, dim: int) -> nn.Module:
     return losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)
+
+
+@_register(_LOSSES, "proxy_anchor")
+def _proxy_anchor(margin: float, num_classes: int, dim: int) -> nn.Module:
+    """Proxy-Anchor (Kim et al. 2020): each class's proxy pulls its samples, margin and alpha 32."""
+    return _ProxyLoss(losses.ProxyAnchorLoss(num_classes, dim, margin=margin, alpha=32))
+
+
+@_register(_LOSSES, "normalized_softmax")
+def _normalized_softmax(margin: float, num_classes: int, dim: int) -> nn.Module:
+    """Cosine softmax over class proxies at temperature 0.05 (Zhai & Wu 2019); no margin."""
+    return _ProxyLoss(losses.NormalizedSoftmaxLoss(num_classes, dim, temperature=0.05))
+
+
+class _ProxyLoss(nn.Module):
+    """A proxy loss that takes (and ignores) an indices tuple, like the sample-pair losses."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, embeddings, labels, indices_tuple=None):
+        return self.loss(embeddings, labels)
 
 
 def distance_of(loss_name: str) -> distances.BaseDistance:
@@ -79,10 +105,13 @@ def list_miners() -> list[str]:
     return ["none", *sorted(_MINERS)]
 
 
-def build_loss(name: str, margin: float) -> nn.Module:
+def build_loss(name: str, margin: float, num_classes: int = 0, dim: int = 0) -> nn.Module:
+    """The loss `name`; proxy losses need the number of classes and the embedding size."""
     if name not in _LOSSES:
         raise UserError(f"train.loss: {name!r} is not one of {', '.join(list_losses())}")
-    return _LOSSES[name](margin)
+    if name in PROXY_LOSSES and (num_classes < 1 or dim < 1):
+        raise ValueError(f"{name} needs num_classes and dim")
+    return _LOSSES[name](margin, num_classes, dim)
 
 
 def build_miner(name: str, margin: float, loss_name: str) -> nn.Module | None:
