@@ -6,24 +6,40 @@ meta.json holds the model fingerprint, dimension and preprocessing that search c
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from siamese_cv import paths
 from siamese_cv.data.parquet import read_table
+from siamese_cv.data.preprocessing import available_cores
 from siamese_cv.embedding import Embedder
 from siamese_cv.gallery import gallery_table, write_gallery
+from siamese_cv.gallery_shards import embed_shard, run_export_shards
 from siamese_cv.hardware import resolve_device, resolve_precision
+from siamese_cv.io import read_json
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint
-from siamese_cv.stage import run_stage, stage_params
+from siamese_cv.stage import run_stage, stage_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    params = stage_params(argv, __doc__)
+    params, args = stage_args(argv, __doc__, sharded=True)
+    export = params.export
+    if export.shards > 1 and args.shard is None:
+        return _sharded(params, args.params)
     model, config = load_checkpoint(paths.MODEL)
     prep = Preprocessing.from_dict(config["preprocessing"])
     precision = resolve_precision(params.export.precision, resolve_device("auto"))
+    if args.shard is not None:
+        if precision.device.type == "cpu":
+            torch.set_num_threads(args.workers)  # the cores are shared by the running shards
+        embedder = Embedder(model, prep, precision, export.batch_size)
+        rows = embed_shard(embedder, export, args.shard, args.key)
+        print(f"export_gallery: shard {args.shard} of {export.shards}: {rows} vectors")
+        return 0
     embedder = Embedder(model, prep, precision, params.export.batch_size)
     ids, splits, labels, names, vectors = [], [], [], [], []
     for split in params.export.splits:
@@ -52,6 +68,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"export_gallery: {matrix.shape[0]} vectors of dimension {matrix.shape[1]} "
         f"({', '.join(params.export.splits)}) -> {paths.GALLERY}"
+    )
+    return 0
+
+
+def _sharded(params, params_file: str) -> int:
+    export = params.export
+    config = read_json(paths.MODEL / "config.json")
+
+    def shard_command(index: int, key: str, threads: int) -> list[str]:
+        return [
+            sys.executable, os.path.relpath(__file__), "--params", params_file,
+            "--shard", str(index), "--key", key, "--workers", str(threads),
+        ]  # fmt: skip
+
+    meta = {
+        "model_fingerprint": config["fingerprint"],
+        "backbone": config["backbone"],
+        "splits": list(export.splits),
+        "metric": "cosine",
+        "normalized": True,
+        "preprocessing": Preprocessing.from_dict(config["preprocessing"]).to_dict(),
+    }
+    gpus = torch.cuda.device_count() if resolve_device("auto").type == "cuda" else 0
+    count, dim = run_export_shards(export, meta, shard_command, gpus, available_cores())
+    print(
+        f"export_gallery: {count} vectors of dimension {dim} "
+        f"({', '.join(export.splits)}) -> {paths.GALLERY}"
     )
     return 0
 

@@ -168,3 +168,30 @@ def test_a_failed_shard_keeps_the_others_for_the_next_run(tmp_path, monkeypatch)
     runs.append(1)
     preprocess_splits(raw, tmp_path / "out2", changed, command)  # new key: no stale pieces
     assert sorted(runs[1:]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("rows, cut", [(50, [0, 7, 16, 33, 50]), (16, [0, 16]), (5, [0, 2, 5])])
+def test_streamed_gallery_is_the_written_gallery(tmp_path, monkeypatch, rows, cut) -> None:
+    """write_gallery_rows from pieces = write_gallery of the whole table, byte for byte, across
+    row-group boundaries (16 rows here instead of 65,536)."""
+    from siamese_cv import gallery
+
+    monkeypatch.setattr(gallery, "GALLERY_ROW_GROUP", 16)
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(rows, 8)).astype(np.float32)
+    ids = [f"i{n}" for n in range(rows)]
+    table = gallery.gallery_table(ids, ["train"] * rows, np.arange(rows) % 3, ["c"] * rows, vectors)
+    meta = {"model_fingerprint": "f", "precision": "fp32"}
+    gallery.write_gallery(tmp_path / "whole", table, {**meta, "count": rows, "dim": 8})
+    pieces = tmp_path / "pieces.parquet"
+    pq.write_table(table, pieces)  # as a shard writes its piece: read back from parquet
+    read_back = pq.read_table(pieces)
+    parts = (read_back.slice(a, b - a) for a, b in zip(cut, cut[1:], strict=False))
+    assert gallery.write_gallery_rows(tmp_path / "streamed", parts, meta) == (rows, 8)
+    for name in ("embeddings.parquet", "meta.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (
+            tmp_path / "streamed" / name
+        ).read_bytes()
+    assert pq.ParquetFile(tmp_path / "streamed/embeddings.parquet").metadata.num_row_groups == (
+        -(-rows // 16)
+    )

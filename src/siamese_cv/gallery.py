@@ -7,6 +7,7 @@ retrained model can never be searched against stale vectors.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from siamese_cv.io import atomic_path
 
 EMBEDDINGS = "embeddings.parquet"
 META = "meta.json"
+GALLERY_ROW_GROUP = 65536
 
 
 @dataclass
@@ -50,8 +52,48 @@ def write_gallery(directory: Path, table: pa.Table, meta: dict[str, Any]) -> Non
     """Write embeddings.parquet and meta.json into `directory`, replacing it atomically."""
     with atomic_path(directory) as tmp:
         tmp.mkdir()
-        pq.write_table(table, tmp / EMBEDDINGS, compression="zstd", row_group_size=65536)
+        pq.write_table(
+            table, tmp / EMBEDDINGS, compression="zstd", row_group_size=GALLERY_ROW_GROUP
+        )
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def write_gallery_rows(
+    directory: Path, tables: Iterable[pa.Table], meta: dict[str, Any]
+) -> tuple[int, int]:
+    """`write_gallery` from a stream of `gallery_table` pieces, one row group in memory at a time.
+
+    The row groups are those `write_gallery` makes of the concatenated table, so the file's
+    bytes are the same. `meta` gets `count` and `dim` filled in; returns them.
+    """
+    count, buffer, writer = 0, [], None
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        try:
+            for table in tables:
+                if writer is None:
+                    dim = table.schema.field("vector").type.list_size
+                    empty = np.zeros((0, dim), np.float32)
+                    schema = gallery_table([], [], [], [], empty).schema  # names as written
+                    writer = pq.ParquetWriter(tmp / EMBEDDINGS, schema, compression="zstd")
+                buffer.append(table.cast(schema))
+                while sum(t.num_rows for t in buffer) >= GALLERY_ROW_GROUP:
+                    whole = pa.concat_tables(buffer).combine_chunks()
+                    writer.write_table(whole.slice(0, GALLERY_ROW_GROUP))
+                    count += GALLERY_ROW_GROUP
+                    buffer = [whole.slice(GALLERY_ROW_GROUP)]
+            if writer is None:
+                raise UserError("export.splits: no images to embed; check data/processed")
+            rest = pa.concat_tables(buffer).combine_chunks()
+            if rest.num_rows:
+                writer.write_table(rest)
+                count += rest.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        meta = {**meta, "count": count, "dim": schema.field("vector").type.list_size}
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta["count"], meta["dim"]
 
 
 def load_gallery(directory: str | Path) -> Gallery:

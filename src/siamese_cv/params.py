@@ -157,6 +157,13 @@ class ExportParams:
     batch_size: int = _opt(64, ge=1)
     top_k: int = _opt(20, ge=1)
     precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
+    shards: int = _opt(
+        1,
+        ge=1,
+        le=4096,
+        doc="pieces embedded by separate processes (one per GPU where there are several), "
+        "each resumable after a failure",
+    )
 
 
 @dataclass(frozen=True)
