@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=params.data.seed,
         retries=params.data.retries,
         base_dir=Path.cwd(),
+        streaming=params.data.streaming,
     )
     rows = (r.row() for r in records)
     with atomic_path(paths.RAW) as tmp:

@@ -54,6 +54,7 @@ def test_defaults_fill_missing_sections(tmp_path):
         ({"train": {"freeze": "most"}}, "train.freeze: 'most' is not one of none, all"),
         ({"preprocess": {"shards": 0}}, "preprocess.shards: 0 must be >= 1"),
         ({"export": {"shards": "four"}}, "export.shards: expected an integer, got 'four'"),
+        ({"data": {"streaming": "yes"}}, "data.streaming: expected true or false, got 'yes'"),
         ({"train": {"miner": "semihard"}}, "set triplets.sampler: pk"),
         (
             {"export": {"splits": ["holdout"]}},

@@ -47,6 +47,10 @@ class DataParams:
     )
     seed: int = _opt(42, ge=0)
     retries: int = _opt(3, ge=0, doc="hub download retries on transient errors")
+    streaming: bool = _opt(
+        False,
+        doc="hf sources: read the hub's files as a stream instead of caching the whole dataset",
+    )
 
 
 @dataclass(frozen=True)

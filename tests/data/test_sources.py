@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -307,6 +308,49 @@ def test_hf_without_validation_gets_a_slice(hf_cache: Path) -> None:
     assert Counter(r.label for r in held) == {0: 1, 1: 1}
     assert all(r.id.startswith("hf/train/") for r in held)
     assert len([r for r in records if r.split == "train"]) == 6
+
+
+@pytest.mark.parametrize(
+    "splits",
+    [
+        {"train": [0, 1, 1, 0, 1], "validation": [1, 0], "test": [0, 1]},
+        {"train": [0, 0, 0, 0, 1, 1, 1, 1, 0, 1], "test": [0, 1]},  # validation sliced off
+    ],
+    ids=["with-validation", "sliced-validation"],
+)
+def test_hf_streaming_gives_the_same_rows_and_caches_nothing(hf_cache: Path, splits) -> None:
+    """data.streaming: the same records (ids, splits, labels, bytes) as the cached load, once
+    written per split as the download stage writes them; no arrow copy in the datasets cache."""
+    from siamese_cv.data.parquet import RAW_SCHEMA, write_splits
+    from siamese_cv.params import SPLITS
+
+    _stand_in(hf_cache / "hub", splits)
+    _, cached = _open("hf:hub", hf_cache)
+    before = {p for p in (hf_cache / "hf-cache").rglob("*.arrow")}
+    assert before  # the cached load made an arrow copy of the dataset
+    for path in (hf_cache / "hf-cache").iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    info, streamed = _open("hf:hub", hf_cache, streaming=True)
+
+    def by_split(records: list[Record]) -> dict[str, list[tuple]]:
+        return {
+            s: [(r.id, r.label, r.label_name, r.source, r.image) for r in records if r.split == s]
+            for s in SPLITS
+        }
+
+    assert by_split(streamed) == by_split(cached)
+    assert not list((hf_cache / "hf-cache").rglob("*.arrow"))
+    assert info.fingerprint["streaming"] is True and len(info.fingerprint["files"]) == 64
+    for name, records in (("cached", cached), ("streamed", streamed)):
+        (hf_cache / name).mkdir()
+        write_splits(hf_cache / name, RAW_SCHEMA, (r.row() for r in records), 4, SPLITS)
+    for split in SPLITS:
+        a = (hf_cache / "cached" / f"{split}.parquet").read_bytes()
+        assert a == (hf_cache / "streamed" / f"{split}.parquet").read_bytes(), split
+
+    (hf_cache / "hub/default/test/0000.parquet").touch()  # a changed file changes the fingerprint
+    again, _ = _open("hf:hub", hf_cache, streaming=True)
+    assert again.fingerprint["files"] != info.fingerprint["files"]
 
 
 @pytest.fixture

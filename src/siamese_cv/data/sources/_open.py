@@ -24,6 +24,7 @@ def open_source(
     retries: int,
     base_dir: Path,
     sleep: Callable[[float], None] = time.sleep,
+    streaming: bool = False,
 ) -> tuple[SourceInfo, Iterator[Record]]:
     """Open `data.source` and return its description and a stream of its records.
 
@@ -35,6 +36,9 @@ def open_source(
         retries: How many times a transient hub error is retried (backoff 1 s, 2 s, 4 s...).
         base_dir: Folder that relative paths are resolved against (the project root).
         sleep: Called with each backoff delay; tests pass a recorder instead of waiting.
+        streaming: Hub sources only: read the files as a stream (`datasets` streaming mode)
+            instead of downloading and caching the whole dataset first. Other sources always
+            stream.
 
     Returns:
         The source's `SourceInfo`, and an iterator of `Record`s ordered by split (train,
@@ -48,7 +52,7 @@ def open_source(
         raise UserError(f"data.val_fraction: {val_fraction} is not between 0 and 1")
     text = source.strip()
     if text.startswith("hf:"):
-        return _open_hf(text[3:], val_fraction, seed, retries, base_dir, sleep)
+        return _open_hf(text[3:], val_fraction, seed, retries, base_dir, sleep, streaming)
     if not text:
         raise UserError(f"data.source is empty: {_SOURCE_HELP}")
     path = Path(text).expanduser()

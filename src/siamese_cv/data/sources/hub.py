@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
+import json
 import logging
 import os
 import re
@@ -39,6 +42,7 @@ def _open_hf(
     retries: int,
     base_dir: Path,
     sleep: Callable[[float], None],
+    streaming: bool = False,
 ) -> tuple[SourceInfo, Iterator[Record]]:
     local = Path(spec).expanduser()
     local = local if local.is_absolute() else base_dir / local
@@ -56,16 +60,30 @@ def _open_hf(
             raise UserError("data.source: hf: needs a dataset id, e.g. hf:Matthijs/snacks")
         revision = revision or DEFAULT_HF_REVISION
         location, name, kwargs = f"{repo}@{revision}", repo, {"revision": revision}
+    files: dict[str, list[str]] = {}
     with _quiet_hub_logs():
-        loaded = _with_retries(
-            lambda: datasets.load_dataset(name, **kwargs), location, retries, sleep
-        )
+        if streaming:
+            # The builder resolves the data files (hub: at a commit) without downloading them.
+            builder = _with_retries(
+                lambda: datasets.load_dataset_builder(name, **kwargs), location, retries, sleep
+            )
+            loaded = builder.as_streaming_dataset()
+            files = {str(k): list(v) for k, v in (builder.config.data_files or {}).items()}
+        else:
+            loaded = _with_retries(
+                lambda: datasets.load_dataset(name, **kwargs), location, retries, sleep
+            )
     splits = _hub_splits(loaded, location)
     first = splits["train"][1]
     image_col, label_col = _hub_columns(first, location)
     class_names = list(first.features[label_col].names)
     undecoded = {}
     for split, (hub_name, dataset) in splits.items():
+        if dataset.features is None:
+            raise UserError(
+                f"hf:{location}: split {hub_name} does not declare its features when "
+                "streamed; set data.streaming: false"
+            )
         same_columns = _hub_columns(dataset, location) == (image_col, label_col)
         if not same_columns or list(dataset.features[label_col].names) != class_names:
             raise UserError(f"hf:{location}: split {hub_name} has different columns or classes")
@@ -78,6 +96,12 @@ def _open_hf(
             f"hf:{location}: no test split (splits: {', '.join(loaded)}); "
             "pick a dataset with a test split, or use a local folder"
         )
+    if streaming:
+        info = SourceInfo("hf", location, class_names, _files_fingerprint(location, files))
+        records = _stream_iterable(
+            splits, location, image_col, label_col, class_names, fraction, seed
+        )
+        return info, records
     info = SourceInfo("hf", location, class_names, _hub_fingerprint(location, splits))
     records = _stream_hub(splits, location, image_col, label_col, class_names, fraction, seed)
     return info, records
@@ -224,6 +248,67 @@ def _hub_fingerprint(location: str, splits: dict[str, tuple[str, Any]]) -> dict:
     return {"source": location, "splits": fingerprints, "rows": rows}
 
 
+def _files_fingerprint(location: str, files: dict[str, list[str]]) -> dict:
+    """A streamed dataset's fingerprint: its data files, and the hub commit they are read at.
+
+    Hub files are `hf://datasets/<id>@<commit sha>/...`; local ones add size and mtime.
+    """
+    listing = {}
+    for split, paths in sorted(files.items()):
+        listing[split] = []
+        for path in paths:
+            entry = str(path)
+            if os.path.isfile(path):
+                info = os.stat(path)
+                entry = f"{path}\0{info.st_size}\0{info.st_mtime_ns}"
+            listing[split].append(entry)
+    commits = {
+        m for paths in files.values() for p in paths for m in re.findall(r"@([0-9a-f]{40})/", p)
+    }
+    digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+    out = {"source": location, "streaming": True, "files": digest}
+    if len(commits) == 1:
+        out["commit"] = commits.pop()
+    return out
+
+
+def _stream_iterable(
+    splits: dict[str, tuple[str, Any]],
+    location: str,
+    image_col: str,
+    label_col: str,
+    class_names: list[str],
+    fraction: float,
+    seed: int,
+) -> Iterator[Record]:
+    """`_stream_hub` for streamed (iterable) datasets: one pass per hub split, nothing cached.
+
+    Without a validation split the train labels are streamed first to choose the slice, then
+    train's rows go to train or validation as they come: the two splits' records interleave,
+    each in row order, which `parquet.write_splits` turns into the same files.
+    """
+    held: set[int] | None = None
+    if "validation" not in splits:
+        _, train = splits["train"]
+        labels = [row[label_col] for row in train.select_columns([label_col])]
+        held = {
+            int(i)
+            for i in stratified_holdout(
+                ((f"{i:06d}", label) for i, label in enumerate(labels) if label >= 0),
+                fraction,
+                seed,
+            )
+        }
+    for split in ("train", "validation", "test"):
+        if split not in splits:
+            continue
+        hub_name, dataset = splits[split]
+        yield from _hub_records(
+            split, hub_name, dataset, None, location, image_col, label_col, class_names,
+            held if split == "train" else None,
+        )  # fmt: skip
+
+
 def _stream_hub(
     splits: dict[str, tuple[str, Any]],
     location: str,
@@ -264,10 +349,13 @@ def _hub_records(
     image_col: str,
     label_col: str,
     class_names: list[str],
+    held: set[int] | None = None,
 ) -> Iterator[Record]:
-    indices = rows if rows is not None else range(len(dataset))
-    subset = dataset if rows is None else dataset.select(rows)
-    positions = iter(indices)
+    """Records of one hub split (of `rows` of it); rows in `held` go to validation instead."""
+    if rows is None:
+        subset, positions = dataset, itertools.count()
+    else:
+        subset, positions = dataset.select(rows), iter(rows)
     for batch in subset.iter(batch_size=64):
         for image, label in zip(batch[image_col], batch[label_col], strict=True):
             row = next(positions)
@@ -276,7 +364,7 @@ def _hub_records(
                 label, error = -1, error or "missing label"
             yield Record(
                 id=f"hf/{hub_name}/{row:06d}",
-                split=split,
+                split="validation" if held is not None and row in held else split,
                 label=label,
                 label_name=class_names[label] if label >= 0 else "",
                 source=f"hf:{location}:{hub_name}[{row}]",
