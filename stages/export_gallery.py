@@ -20,8 +20,8 @@ from siamese_cv.embedding import Embedder
 from siamese_cv.gallery import gallery_table, write_gallery
 from siamese_cv.gallery_shards import embed_shard, run_export_shards
 from siamese_cv.hardware import resolve_device, resolve_precision
-from siamese_cv.io import read_json
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint
+from siamese_cv.params import Params
 from siamese_cv.stage import run_stage, stage_args
 
 
@@ -72,9 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _sharded(params, params_file: str) -> int:
+def _sharded(params: Params, params_file: str) -> int:
     export = params.export
-    config = read_json(paths.MODEL / "config.json")
+    device = resolve_device("auto")
+    resolve_precision(export.precision, device)  # a bad choice is one line here, not N shards'
+    _, config = load_checkpoint(paths.MODEL)  # a missing model too
 
     def shard_command(index: int, key: str, threads: int) -> list[str]:
         return [
@@ -90,7 +92,7 @@ def _sharded(params, params_file: str) -> int:
         "normalized": True,
         "preprocessing": Preprocessing.from_dict(config["preprocessing"]).to_dict(),
     }
-    gpus = torch.cuda.device_count() if resolve_device("auto").type == "cuda" else 0
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     count, dim = run_export_shards(export, meta, shard_command, gpus, available_cores())
     print(
         f"export_gallery: {count} vectors of dimension {dim} "
