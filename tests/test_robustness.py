@@ -410,7 +410,7 @@ def _kill_stage(
         text=True,
         start_new_session=True,
     )
-    victim, family, killed = None, [], False
+    victim, family, killed, left = None, [], False, []
     try:
         while proc.poll() is None and not killed:
             if victim is None:
@@ -424,6 +424,7 @@ def _kill_stage(
                     break
             time.sleep(0.01)
         out, err = proc.communicate(timeout=120)
+        left = _still_running(family, grace=5.0)
     except subprocess.TimeoutExpired:
         raise AssertionError(
             f"{command} did not exit after {stage} was killed; still running: "
@@ -437,8 +438,22 @@ def _kill_stage(
                 p.kill()
     assert killed, f"{stage} ended before it could be killed; give it more work:\n{out}\n{err}"
     assert proc.returncode != 0
-    assert not [p.pid for p in family if _running(p)], "the killed stage left processes behind"
+    assert not left, f"the killed stage left processes behind: {left}"
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _still_running(processes: list[psutil.Process], grace: float) -> list[int]:
+    """The pids still running (not zombies) after up to `grace` seconds.
+
+    A worker killed with its parent closes its stdout before it is a zombie, so right after the
+    command's output ends it may still be on its way out: that is not a process left behind.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        alive = [p.pid for p in processes if _running(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
 
 
 def _is_stage(process: psutil.Process, stage: str, shard: int | None = None) -> bool:
