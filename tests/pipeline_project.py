@@ -29,6 +29,7 @@ STAGES = [
     "train",
     "baseline",
     "export_gallery",
+    "index_gallery",
     "evaluate",
 ]
 # Everything but data.source: the tiny backbone, 64 px images, 2 short epochs, no worker processes.

@@ -108,3 +108,29 @@ def test_ivf_survives_faiss_torch_utils_patching():
     index = build_index(vectors, "ivf", nlist=8)
     ids, _ = index.search(vectors[:3], 5, nprobe=8)
     assert ids[:, 0].tolist() == [0, 1, 2]
+
+
+def test_a_saved_ivf_index_loads_and_searches_exactly_as_built(tmp_path, gallery, queries, ivf):
+    from siamese_cv.index import IVF_FILE, load_index, save_index
+
+    meta = save_index(ivf, tmp_path / "index", gallery)
+    assert meta["kind"] == "ivf" and meta["ntotal"] == len(gallery)
+    assert (tmp_path / "index" / IVF_FILE).stat().st_size > 0
+    loaded = load_index(tmp_path / "index", gallery)
+    assert loaded.kind == "ivf" and loaded.nlist == ivf.nlist
+    assert loaded.default_nprobe == ivf.default_nprobe
+    for got, want in zip(loaded.search(queries, 10), ivf.search(queries, 10), strict=True):
+        assert np.array_equal(got, want)
+
+
+def test_a_saved_index_refuses_another_gallery_and_is_absent_when_never_saved(tmp_path, gallery):
+    from siamese_cv.errors import UserError
+    from siamese_cv.index import load_index, save_index
+
+    assert load_index(tmp_path / "nothing", gallery) is None
+    save_index(build_index(gallery[:500]), tmp_path / "index", gallery[:500])
+    assert load_index(tmp_path / "index", gallery[:500]).kind == "exact"
+    changed = gallery[:500].copy()
+    changed[0] = changed[1]
+    with pytest.raises(UserError, match="another gallery.*dvc repro index_gallery"):
+        load_index(tmp_path / "index", changed)

@@ -104,7 +104,22 @@ def test_a_train_param_edit_reruns_only_what_it_touches(project):
         f"{s}:" in status for s in ("download", "preprocess", "sample_triplets", "baseline")
     )
     out = run(project, "dvc", "repro").stdout
-    assert ran(out) == {"train", "export_gallery", "evaluate"}, out
+    assert ran(out) == {"train", "export_gallery", "index_gallery", "evaluate"}, out
+
+
+def test_an_ivf_index_is_built_once_by_its_stage_and_loaded_by_search(project):
+    assert json.loads((project / "data/index/index.json").read_text())["kind"] == "exact"
+    run(project, "siamese-params", "apply", "--set", "search.index=ivf")
+    out = run(project, "dvc", "repro").stdout
+    assert ran(out) == {"index_gallery"}, out  # the gallery is not embedded again
+    meta = json.loads((project / "data/index/index.json").read_text())
+    assert meta["kind"] == "ivf" and meta["ntotal"] == 12
+    assert (project / "data/index/ivf.faiss").stat().st_size > 0
+    source = json.loads((project / "data/raw/source.json").read_text())
+    first_id = pq.read_table(project / "data/gallery/embeddings.parquet").column("id")[5].as_py()
+    found = run(project, "siamese-search", str(Path(source["location"]) / first_id), "--json")
+    assert json.loads(found.stdout)[0]["id"] == first_id
+    assert "building" not in found.stderr  # loaded, not rebuilt
 
 
 def test_forced_reruns_give_identical_metrics(project):

@@ -667,7 +667,7 @@ def test_sharded_gallery_is_the_single_run_gallery(kill_template, reference) -> 
     done = {p.name: json.loads((p / "done.json").read_text()) for p in pieces.glob("shard-*")}
     assert sorted(done) == ["shard-0-of-3", "shard-2-of-3"], (done, result.stdout)
     out = run(project, *DVC_REPRO).stdout
-    assert ran(out) == {"export_gallery", "evaluate"}, out
+    assert ran(out) == {"export_gallery", "index_gallery", "evaluate"}, out
     assert "shards 0, 2 already done, kept; running shard 1" in out, (out, done)
     assert _shard_lines(out, "export_gallery") == {1}, out
     assert _bytes(project / "data/gallery") == _bytes(reference / "data/gallery")
@@ -692,9 +692,9 @@ def test_killed_training_reruns_to_the_same_metrics(kill_template, reference) ->
 
     out = run(project, *DVC_REPRO).stdout
     assert (
-        {"train", "export_gallery", "evaluate"}
+        {"train", "export_gallery", "index_gallery", "evaluate"}
         <= ran(out)
-        <= {"train", "baseline", "export_gallery", "evaluate"}
+        <= {"train", "baseline", "export_gallery", "index_gallery", "evaluate"}
     )
     assert (project / "metrics/test.json").read_bytes() == (
         reference / "metrics/test.json"

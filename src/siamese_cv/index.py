@@ -20,13 +20,21 @@ Decisions:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from siamese_cv.errors import UserError
+from siamese_cv.io import atomic_path
+
 KINDS = ("exact", "ivf")
+INDEX_META = "index.json"
+IVF_FILE = "ivf.faiss"  # FAISS's own serialisation (faiss.write_index), not a pickle
 # IVF lists per query by default: 1/128 of them, at least 8. On 1,000,000 clustered vectors
 # (benchmarks/bench_search.py, 4,000 lists) recall@10 was 0.964 from nprobe 4 up to 250: what
 # it loses is SQ8 rounding among near-tied neighbours, not unprobed lists, while latency grew
@@ -247,3 +255,67 @@ def _build_ivf(vectors: np.ndarray, nlist: int | None, seed: int) -> IVFIndex:
     index.add(vectors)
     probes = min(nlist, max(_MIN_DEFAULT_PROBES, math.ceil(nlist / _DEFAULT_PROBE_SHARE)))
     return IVFIndex(index, n, dim, nlist, probes)
+
+
+def vectors_fingerprint(vectors: np.ndarray) -> str:
+    """A content hash of a gallery's vectors: ties a saved index to the vectors it indexes."""
+    array = np.ascontiguousarray(vectors, dtype=np.float32)
+    digest = hashlib.sha256(f"{array.shape}".encode())
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()[:16]
+
+
+def save_index(index: Index, directory: str | Path, vectors: np.ndarray) -> dict[str, Any]:
+    """Write `index` (built from `vectors`) to `directory` atomically; returns its description.
+
+    An exact index is only its description (the gallery holds the vectors); an IVF index adds
+    FAISS's file, so a search loads it in seconds instead of re-running k-means.
+    """
+    meta: dict[str, Any] = {
+        "kind": index.kind,
+        "ntotal": index.ntotal,
+        "dim": index.dim,
+        "vectors_fingerprint": vectors_fingerprint(vectors),
+    }
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        if isinstance(index, IVFIndex):
+            import faiss
+
+            meta |= {"nlist": index.nlist, "nprobe": index.default_nprobe}
+            faiss.write_index(index.faiss_index, str(tmp / IVF_FILE))
+        (tmp / INDEX_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def load_index(directory: str | Path, vectors: np.ndarray) -> Index | None:
+    """The index saved in `directory` for these gallery `vectors`; None if none was saved.
+
+    Raises:
+        UserError: the saved index was built from other vectors (a newer gallery), or is
+            unreadable; the message names the stage that rebuilds it.
+    """
+    directory = Path(directory)
+    meta_path = directory / INDEX_META
+    if not meta_path.is_file():
+        return None
+    rebuild = "run `dvc repro index_gallery` (or `dvc pull`)"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        kind = meta["kind"]
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"{meta_path}: unreadable index description ({error}); {rebuild}") from None
+    if meta.get("vectors_fingerprint") != vectors_fingerprint(vectors):
+        raise UserError(f"{directory}: the index was built from another gallery; {rebuild}")
+    if kind == "exact":
+        return ExactIndex(normalize_rows(vectors))
+    import faiss
+
+    try:
+        faiss_index = faiss.read_index(str(directory / IVF_FILE))
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0][:120]
+        raise UserError(
+            f"{directory / IVF_FILE}: cannot read the index ({first}); {rebuild}"
+        ) from None
+    return IVFIndex(faiss_index, meta["ntotal"], meta["dim"], meta["nlist"], meta["nprobe"])

@@ -171,6 +171,18 @@ class ExportParams:
 
 
 @dataclass(frozen=True)
+class SearchParams:
+    index: str = _opt(
+        "exact",
+        choices=("exact", "ivf"),
+        doc="the index index_gallery saves for siamese-search; ivf: FAISS IVF-SQ8 for large galleries",
+    )
+    nlist: int = _opt(0, ge=0, doc="ivf: inverted lists; 0 = about 4 x sqrt(gallery size)")
+    nprobe: int = _opt(0, ge=0, doc="ivf: lists scanned per query; 0 = 1/128 of them, at least 8")
+    seed: int = _opt(0, ge=0, doc="ivf: k-means sample and initialisation")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
@@ -179,6 +191,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     export: ExportParams = field(default_factory=ExportParams)
+    search: SearchParams = field(default_factory=SearchParams)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -271,6 +284,11 @@ def _check_cross(params: Params) -> None:
     if params.train.miner != "none" and params.triplets.sampler != "pk":
         raise ParamsError(
             f"train.miner: {params.train.miner!r} mines inside class-balanced batches; set triplets.sampler: pk"
+        )
+    if params.search.index == "exact" and (params.search.nlist or params.search.nprobe):
+        raise ParamsError(
+            "search.nlist / search.nprobe: an exact index has no lists; set them to 0 or "
+            "search.index: ivf"
         )
     if params.train.loss in PROXY_LOSSES and params.train.miner != "none":
         raise ParamsError(

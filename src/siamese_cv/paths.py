@@ -13,3 +13,4 @@ DATA_REPORT = METRICS / "data_report.json"
 TEST_METRICS = METRICS / "test.json"
 TRAIN_LOG = METRICS / "train"
 PLOTS = METRICS / "plots"
+INDEX = Path("data/index")

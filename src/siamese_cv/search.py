@@ -2,8 +2,9 @@
 
 `siamese-search QUERY_IMAGE [--top 20] [--json] [--grid out.png] [--index exact|ivf]` is the
 original notebook's search, but vectorised: one matrix product and a partial sort instead of a
-Python loop (`exact`, the default), or a FAISS IVF index for galleries too large for that
-(`--index ivf [--nprobe N]`; see `siamese_cv.index`).
+Python loop (`exact`), or a FAISS IVF index for galleries too large for that (`ivf
+[--nprobe N]`; see `siamese_cv.index`). By default it uses the index the index_gallery stage
+saved in data/index (`search.index` in params.yaml), so a large gallery's index is trained once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ import numpy as np
 from siamese_cv import paths
 from siamese_cv.errors import UserError, run_cli
 from siamese_cv.gallery import Gallery, load_gallery
-from siamese_cv.index import KINDS, Index, build_index, top_k
+from siamese_cv.index import (
+    KINDS,
+    ExactIndex,
+    Index,
+    build_index,
+    load_index,
+    normalize_rows,
+    top_k,
+)
 
 __all__ = ["Hit", "top_k", "search_gallery", "embed_query", "main", "cli"]
 
@@ -85,7 +94,22 @@ def embed_query(path: Path, model_dir: Path, gallery: Gallery) -> np.ndarray:
     return Embedder(model, prep, precision, batch_size=1).embed_images([image])
 
 
-def _build_ivf(gallery: Gallery) -> Index:
+def choose_index(gallery: Gallery, index_dir: Path, kind: str | None) -> Index | None:
+    """The index to search: the saved one when it fits `kind` (None: whatever was saved).
+
+    Asking for `ivf` where none was saved builds one for this call (k-means: minutes on a
+    million vectors) and says how to save it; None means exact search.
+    """
+    saved = load_index(index_dir, gallery.vectors)
+    if saved is not None and kind in (None, saved.kind):
+        return saved
+    if kind in (None, "exact"):
+        return ExactIndex(normalize_rows(gallery.vectors))
+    print(
+        f"siamese-search: no saved ivf index in {index_dir}; building one for this search "
+        "(save it: set search.index: ivf and run `dvc repro index_gallery`)",
+        file=sys.stderr,
+    )
     try:
         return build_index(gallery.vectors, "ivf")
     except ImportError as error:
@@ -109,14 +133,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--index",
         choices=KINDS,
-        default="exact",
-        help="exact (default) scores every gallery vector; ivf builds an "
-        "approximate FAISS index, for galleries of hundreds of thousands of images",
+        help="exact scores every gallery vector; ivf uses the approximate FAISS index, for "
+        "galleries of hundreds of thousands of images (default: the one saved in data/index)",
+    )
+    parser.add_argument(
+        "--index-dir", type=Path, default=paths.INDEX, help="saved index folder (data/index)"
     )
     parser.add_argument(
         "--nprobe",
         type=int,
-        help="ivf lists to scan: more is slower and closer to exact (default: 1/16 of the lists)",
+        help="ivf lists to scan: more is slower and closer to exact (default: the index's own, "
+        "1/128 of the lists, at least 8)",
     )
     parser.add_argument(
         "--processed",
@@ -131,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.top < 1:
         raise UserError(f"--top: {args.top} must be at least 1")
-    if args.nprobe is not None and args.index != "ivf":
+    if args.nprobe is not None and args.index == "exact":
         raise UserError("--nprobe applies only to the approximate index; add --index ivf")
     if args.nprobe is not None and args.nprobe < 1:
         raise UserError(f"--nprobe: {args.nprobe} must be at least 1")
@@ -139,7 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{args.query}: no such image file")
     gallery = load_gallery(args.gallery)
     query = embed_query(args.query, args.model, gallery)
-    index = None if args.index == "exact" else _build_ivf(gallery)
+    index = choose_index(gallery, args.index_dir, args.index)
+    if args.nprobe is not None and index.kind != "ivf":
+        raise UserError(
+            f"--nprobe: the index in {args.index_dir} is exact; add --index ivf "
+            "(or set search.index: ivf and run `dvc repro index_gallery`)"
+        )
     hits = search_gallery(gallery, query, args.top, index, args.nprobe)
     if args.grid:
         from siamese_cv.search_grid import draw_search_grid
