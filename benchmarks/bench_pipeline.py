@@ -1,0 +1,117 @@
+"""The pipeline as a whole: `dvc repro` from empty, a no-op `dvc repro`, and the rerun after an edit.
+
+A fresh `git clone` of this repository's HEAD in a temporary folder gets the offline profile on
+food10 (`make repro-offline` without the set-up: the clone uses this checkout's .venv, with its
+own `src/` first on the path). Three `dvc repro` runs are timed there:
+
+1. from empty (the baseline the other two are compared with);
+2. straight after, with nothing changed: DVC should only hash and skip;
+3. after `train.lr` is halved: DVC should rerun train and what depends on it (export_gallery,
+   index_gallery, evaluate) and skip download, preprocess, sample_triplets and baseline.
+
+Each stage prints "<stage>: done in X s", which gives the per-stage split of run 1. With --quick
+the data are 12 photos per class and split, and training is 2 epochs: it checks that the
+benchmark runs, not how fast the pipeline is.
+
+Run: python benchmarks/bench_pipeline.py [--quick] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from _common import FOOD10, ROOT, Row, print_table
+
+STAGE_DONE = re.compile(r"^(\w+): done in ([\d.]+) s$", re.MULTILINE)
+RAN = re.compile(r"Running stage '(\w+)'")
+
+
+def environment(clone: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(clone / "src")
+    return env
+
+
+def timed(command: Sequence[str], clone: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    result = subprocess.run(
+        command, cwd=clone, env=environment(clone), capture_output=True, text=True, check=False
+    )
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(f"{' '.join(command)} failed with status {result.returncode}")
+    return seconds, result.stdout + result.stderr
+
+
+def quick_source(folder: Path, per_class: int) -> Path:
+    """A small ImageFolder of symlinks to the first photos of each food10 class and split."""
+    for split in ("train", "test"):
+        for class_dir in sorted((FOOD10 / split).iterdir()):
+            if class_dir.is_dir():
+                target = folder / split / class_dir.name
+                target.mkdir(parents=True)
+                for photo in sorted(class_dir.glob("*.jpg"))[:per_class]:
+                    (target / photo.name).symlink_to(photo)
+    return folder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="12 photos a class, 2 epochs")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary clone")
+    args = parser.parse_args(argv)
+    if not (FOOD10 / "train").is_dir():
+        raise SystemExit(f"food10 not found at {FOOD10}; set SIAMESE_CV_FOOD10 to its folder")
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    try:
+        clone = work / "repo"
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        source = quick_source(work / "photos", 12) if args.quick else FOOD10
+        overrides = ["--set", f"data.source={source}"]
+        if args.quick:
+            overrides += ["--set", "train.epochs=2"]
+        timed(["siamese-params", "apply", "profiles/offline.yaml", *overrides], clone)
+
+        full_s, full_log = timed(["dvc", "repro"], clone)
+        noop_s, noop_log = timed(["dvc", "repro"], clone)
+        lr = float(yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"])
+        timed(["siamese-params", "apply", "--set", f"train.lr={lr / 2}"], clone)
+        edit_s, edit_log = timed(["dvc", "repro"], clone)
+        metrics = json.loads((clone / "metrics" / "test.json").read_text())
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    rows = [
+        Row("no-op dvc repro vs from empty", noop_s, full_s, "s", higher_is_better=False),
+        Row("rerun after train.lr edit vs from empty", edit_s, full_s, "s", higher_is_better=False),
+    ]
+    stages = ", ".join(f"{name} {float(s):.1f} s" for name, s in STAGE_DONE.findall(full_log))
+    notes = [
+        f"from empty: {full_s:.1f} s in all ({'12 photos a class, 2 epochs' if args.quick else 'food10, offline profile'}); stages: {stages}",
+        f"no-op: ran {RAN.findall(noop_log) or 'nothing'}",
+        f"after the train.lr edit: ran {', '.join(RAN.findall(edit_log))}",
+        "test metrics after the edit: triplet accuracy {:.4f}, precision@1 {:.4f}, MAP@R {:.4f}".format(
+            metrics["triplet_accuracy"], metrics["precision_at_1"], metrics["map_at_r"]
+        ),
+        f"clone kept at {work}" if args.keep else "temporary clone removed",
+    ]
+    print_table("dvc repro wall time (project: the run; baseline: the run from empty)", rows, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
