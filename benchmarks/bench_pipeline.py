@@ -10,7 +10,7 @@ own `src/` first on the path). Three `dvc repro` runs are timed there:
    index_gallery, evaluate) and skip download, preprocess, sample_triplets and baseline.
 
 Each stage prints "<stage>: done in X s", which gives the per-stage split of run 1. With --quick
-the data are 12 photos per class and split, and training is 2 epochs: it checks that the
+the data are 30 photos per class and split, and training is 2 epochs: it checks that the
 benchmark runs, not how fast the pipeline is.
 
 Run: python benchmarks/bench_pipeline.py [--quick] [--keep]
@@ -70,7 +70,7 @@ def quick_source(folder: Path, per_class: int) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="12 photos a class, 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="30 photos a class and split, 2 epochs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone")
     args = parser.parse_args(argv)
     if not (FOOD10 / "train").is_dir():
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         clone = work / "repo"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-        source = quick_source(work / "photos", 12) if args.quick else FOOD10
+        source = quick_source(work / "photos", 30) if args.quick else FOOD10
         overrides = ["--set", f"data.source={source}"]
         if args.quick:
             overrides += ["--set", "train.epochs=2"]
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     stages = ", ".join(f"{name} {float(s):.1f} s" for name, s in STAGE_DONE.findall(full_log))
     notes = [
-        f"from empty: {full_s:.1f} s in all ({'12 photos a class, 2 epochs' if args.quick else 'food10, offline profile'}); stages: {stages}",
+        f"from empty: {full_s:.1f} s in all ({'30 photos a class and split, 2 epochs' if args.quick else 'food10, offline profile'}); stages: {stages}",
         f"no-op: ran {RAN.findall(noop_log) or 'nothing'}",
         f"after the train.lr edit: ran {', '.join(RAN.findall(edit_log))}",
         "test metrics after the edit: triplet accuracy {:.4f}, precision@1 {:.4f}, MAP@R {:.4f}".format(
