@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("preprocess", "embedding", "train", "search")
+BENCHMARKS = ("preprocess", "embedding", "train", "search", "pipeline")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
