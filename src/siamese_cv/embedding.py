@@ -3,15 +3,22 @@
 It always runs the network in eval mode under `inference_mode`, overlaps JPEG decoding (in a
 thread: Pillow releases the GIL) with inference, uses bf16 autocast + channels_last where the
 hardware is fast at it, and returns float32 vectors, L2-normalised unless asked for raw features.
+
+Engines: `torch` runs the module itself; `onnxruntime` exports the same module (backbone and
+head) to ONNX once, when the embedder is made (seconds), and runs it with ONNX Runtime in fp32
+on the CPU. Decoding, batching and normalisation are the same for both.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -19,8 +26,12 @@ from PIL import Image
 from torch import nn
 
 from siamese_cv.data.parquet import iter_batches
+from siamese_cv.errors import UserError
 from siamese_cv.hardware import Precision
 from siamese_cv.models.siamese import Preprocessing
+from siamese_cv.params import ENGINES
+
+ONNX_PACKAGES = "onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2"  # as requirements.txt pins
 
 
 def to_tensor(images: Sequence[Image.Image], prep: Preprocessing) -> torch.Tensor:
@@ -51,9 +62,15 @@ class Embedder:
     Args:
         model: maps [B, 3, H, W] to [B, D]; put in eval mode here, whatever it was.
         prep: the preprocessing the model was trained with.
-        precision: device, autocast dtype and memory format (see `hardware.resolve_precision`).
+        precision: device, autocast dtype and memory format (see `hardware.resolve_precision`);
+            the onnxruntime engine runs fp32 on the CPU and records that as its precision.
         batch_size: images per forward pass.
         normalize: L2-normalise the outputs (True for every search/metric use).
+        engine: `torch`, or `onnxruntime` (the model exported to ONNX, run by ONNX Runtime
+            with as many threads as torch would use).
+
+    Raises:
+        UserError: the onnxruntime engine without the onnxruntime or onnxscript package.
     """
 
     def __init__(
@@ -63,22 +80,37 @@ class Embedder:
         precision: Precision,
         batch_size: int = 64,
         normalize: bool = True,
+        engine: str = "torch",
     ):
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
         self.prep = prep
-        self.precision = precision
         self.batch_size = batch_size
         self.normalize = normalize
+        self.engine = engine
+        self._session = None
+        if engine == "onnxruntime":
+            self.precision = Precision(torch.device("cpu"), None, channels_last=False)
+            self.model = model.eval().to("cpu")
+            self._session = _ort_session(self.model, prep, torch.get_num_threads())
+            return
+        self.precision = precision
         memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
         self.model = model.eval().to(precision.device, memory_format=memory_format)
 
     @torch.inference_mode()
     def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
         """Embed one preprocessed batch; returns float32 [B, D]."""
-        p = self.precision
-        memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
-        batch = batch.to(p.device, non_blocking=True).contiguous(memory_format=memory_format)
-        with p.autocast():
-            out = self.model(batch)
+        if self._session is not None:
+            # run() releases the GIL, so the decoding thread keeps going meanwhile
+            (features,) = self._session.run(None, {"images": batch.contiguous().numpy()})
+            out = torch.from_numpy(features)
+        else:
+            p = self.precision
+            memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
+            batch = batch.to(p.device, non_blocking=True).contiguous(memory_format=memory_format)
+            with p.autocast():
+                out = self.model(batch)
         out = out.float()
         if self.normalize:
             out = torch.nn.functional.normalize(out, dim=1)
@@ -120,6 +152,57 @@ class Embedder:
         if not outs:
             raise ValueError("nothing to embed")
         return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def import_onnxruntime() -> ModuleType:
+    """The onnxruntime module, checked before any work starts.
+
+    Raises:
+        UserError: onnxruntime, or onnxscript (which torch.onnx.export needs), is not installed;
+            the message says what to install.
+    """
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx.export's exporter imports it)
+    except ImportError as error:
+        raise UserError(
+            f"engine onnxruntime: {error.name or 'onnxruntime'} is not installed; "
+            f"pip install {ONNX_PACKAGES} (or use engine torch)"
+        ) from None
+    return onnxruntime
+
+
+def _ort_session(model: nn.Module, prep: Preprocessing, threads: int):
+    """`model` exported to ONNX with a dynamic batch axis, in an fp32 CPU inference session."""
+    ort = import_onnxruntime()
+    example = torch.zeros(2, 3, prep.image_size, prep.image_size)
+    with tempfile.TemporaryDirectory(prefix="siamese-cv-onnx-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the exporter's notices, not the user's concern
+                program = torch.onnx.export(
+                    model,
+                    (example,),
+                    dynamo=True,
+                    verbose=False,
+                    input_names=["images"],
+                    output_names=["features"],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                )
+            program.save(str(path))
+        except Exception as error:  # the exporter raises many types; all mean "not exportable"
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise UserError(
+                f"engine onnxruntime: cannot export {type(model).__name__} to ONNX ({reason}); "
+                "use engine torch"
+            ) from error
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # idle worker threads sleep instead of spinning: the decoding thread needs the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _chunks(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:

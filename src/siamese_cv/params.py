@@ -17,6 +17,7 @@ import yaml
 from siamese_cv.errors import ParamsError
 
 PROXY_LOSSES = ("normalized_softmax", "proxy_anchor")  # one learned vector per class, no miner
+ENGINES = ("torch", "onnxruntime")  # what runs the embedder's network (siamese_cv.embedding)
 
 PARAMS_FILE = "params.yaml"
 
