@@ -25,7 +25,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = EmbeddingNet(backbone, "identity", backbone.feature_dim)
     precision = resolve_precision(params.evaluate.precision, resolve_device("auto"))
     embedder = Embedder(
-        model, preprocessing_of(params, card), precision, params.evaluate.batch_size
+        model,
+        preprocessing_of(params, card),
+        precision,
+        params.evaluate.batch_size,
+        engine=params.evaluate.engine,
     )
     test = load_test_set()
     test_emb, _ = embed_splits(embedder, ["test"])

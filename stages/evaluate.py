@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Preprocessing.from_dict(config["preprocessing"]),
         precision,
         params.evaluate.batch_size,
+        engine=params.evaluate.engine,
     )
     test = load_test_set()
     test_emb, _ = embed_splits(embedder, ["test"])

@@ -16,7 +16,7 @@ import torch
 from siamese_cv import paths
 from siamese_cv.data.parquet import read_table
 from siamese_cv.data.preprocessing import available_cores
-from siamese_cv.embedding import Embedder
+from siamese_cv.embedding import Embedder, import_onnxruntime
 from siamese_cv.gallery import gallery_table, write_gallery
 from siamese_cv.gallery_shards import embed_shard, run_export_shards
 from siamese_cv.hardware import resolve_device, resolve_precision
@@ -34,13 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep = Preprocessing.from_dict(config["preprocessing"])
     precision = resolve_precision(params.export.precision, resolve_device("auto"))
     if args.shard is not None:
-        if precision.device.type == "cpu":
+        if precision.device.type == "cpu" or export.engine != "torch":
             torch.set_num_threads(args.workers)  # the cores are shared by the running shards
-        embedder = Embedder(model, prep, precision, export.batch_size)
+        embedder = Embedder(model, prep, precision, export.batch_size, engine=export.engine)
         rows = embed_shard(embedder, export, args.shard, args.key)
         print(f"export_gallery: shard {args.shard} of {export.shards}: {rows} vectors")
         return 0
-    embedder = Embedder(model, prep, precision, params.export.batch_size)
+    embedder = Embedder(model, prep, precision, export.batch_size, engine=export.engine)
     ids, splits, labels, names, vectors = [], [], [], [], []
     for split in params.export.splits:
         path = paths.PROCESSED / f"{split}.parquet"
@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metric": "cosine",
         "normalized": True,
         "preprocessing": prep.to_dict(),
-        "precision": precision.name,
+        "precision": embedder.precision.name,
+        **_engine_meta(export.engine),
     }
     write_gallery(
         paths.GALLERY, gallery_table(ids, splits, np.concatenate(labels), names, matrix), meta
@@ -76,6 +77,8 @@ def _sharded(params: Params, params_file: str) -> int:
     export = params.export
     device = resolve_device("auto")
     resolve_precision(export.precision, device)  # a bad choice is one line here, not N shards'
+    if export.engine == "onnxruntime":
+        import_onnxruntime()  # a missing package too
     _, config = load_checkpoint(paths.MODEL)  # a missing model too
 
     def shard_command(index: int, key: str, threads: int) -> list[str]:
@@ -91,14 +94,21 @@ def _sharded(params: Params, params_file: str) -> int:
         "metric": "cosine",
         "normalized": True,
         "preprocessing": Preprocessing.from_dict(config["preprocessing"]).to_dict(),
+        **_engine_meta(export.engine),
     }
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    # the onnxruntime engine runs on the CPU: its shards share the cores, not the GPUs
+    gpus = torch.cuda.device_count() if device.type == "cuda" and export.engine == "torch" else 0
     count, dim = run_export_shards(export, meta, shard_command, gpus, available_cores())
     print(
         f"export_gallery: {count} vectors of dimension {dim} "
         f"({', '.join(export.splits)}) -> {paths.GALLERY}"
     )
     return 0
+
+
+def _engine_meta(engine: str) -> dict[str, str]:
+    """meta.json names the engine only when it is not torch, so torch galleries keep their bytes."""
+    return {} if engine == "torch" else {"engine": engine}
 
 
 if __name__ == "__main__":

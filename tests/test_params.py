@@ -60,12 +60,33 @@ def test_defaults_fill_missing_sections(tmp_path):
             {"export": {"splits": ["holdout"]}},
             "export.splits: 'holdout' is not one of train, validation, test",
         ),
+        (
+            {"evaluate": {"engine": "tensorrt"}},
+            "evaluate.engine: 'tensorrt' is not one of torch, onnxruntime",
+        ),
+        ({"export": {"engine": "onnx"}}, "export.engine: 'onnx' is not one of torch, onnxruntime"),
+        (
+            {"export": {"engine": "onnxruntime", "precision": "bf16"}},
+            "export.engine: onnxruntime runs the model in fp32 on the CPU, not bf16; set "
+            "export.precision: auto or fp32",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, message):
     with pytest.raises(ParamsError) as error:
         load_params(write(tmp_path, data))
     assert message in str(error.value)
+
+
+def test_engine_defaults_to_torch_and_accepts_onnxruntime(tmp_path):
+    assert load_params(ROOT / "params.yaml").evaluate.engine == "torch"
+    assert Params().export.engine == "torch"
+    loaded = load_params(
+        write(
+            tmp_path, {"evaluate": {"engine": "onnxruntime"}, "export": {"engine": "onnxruntime"}}
+        )
+    )
+    assert loaded.evaluate.engine == loaded.export.engine == "onnxruntime"
 
 
 def test_freeze_values():

@@ -154,6 +154,12 @@ class EvaluateParams:
     batch_size: int = _opt(64, ge=1)
     recall_at: list = _opt([1, 5, 10])
     precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
+    engine: str = _opt(
+        "torch",
+        choices=ENGINES,
+        doc="torch | onnxruntime: the model exported to ONNX at stage start and run by ONNX "
+        "Runtime in fp32 on the CPU (needs onnxruntime and onnxscript)",
+    )
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,12 @@ class ExportParams:
     batch_size: int = _opt(64, ge=1)
     top_k: int = _opt(20, ge=1)
     precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
+    engine: str = _opt(
+        "torch",
+        choices=ENGINES,
+        doc="torch | onnxruntime: the model exported to ONNX at stage start and run by ONNX "
+        "Runtime in fp32 on the CPU (needs onnxruntime and onnxscript)",
+    )
     shards: int = _opt(
         1,
         ge=1,
@@ -274,6 +286,13 @@ def _check_cross(params: Params) -> None:
             raise ParamsError(f"export.splits: {split!r} is not one of {', '.join(SPLITS)}")
     if not params.export.splits:
         raise ParamsError("export.splits: list at least one of train, validation, test")
+    for section in ("evaluate", "export"):
+        engine, precision = getattr(params, section).engine, getattr(params, section).precision
+        if engine == "onnxruntime" and precision not in ("auto", "fp32"):
+            raise ParamsError(
+                f"{section}.engine: onnxruntime runs the model in fp32 on the CPU, not "
+                f"{precision}; set {section}.precision: auto or fp32, or {section}.engine: torch"
+            )
     for k in params.evaluate.recall_at:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ParamsError(f"evaluate.recall_at: {k!r} must be a positive integer")
