@@ -5,6 +5,7 @@ original notebook's search, but vectorised: one matrix product and a partial sor
 Python loop (`exact`), or a FAISS IVF index for galleries too large for that (`ivf
 [--nprobe N]`; see `siamese_cv.index`). By default it uses the index the index_gallery stage
 saved in data/index (`search.index` in params.yaml), so a large gallery's index is trained once.
+`--engine onnxruntime` embeds the query with ONNX Runtime instead of torch.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from siamese_cv.index import (
     normalize_rows,
     top_k,
 )
+from siamese_cv.params import ENGINES
 
 __all__ = ["Hit", "top_k", "search_gallery", "embed_query", "main", "cli"]
 
@@ -72,8 +74,13 @@ def search_gallery(
     ]
 
 
-def embed_query(path: Path, model_dir: Path, gallery: Gallery) -> np.ndarray:
-    """Embed one photo with the trained model, exactly as the gallery was embedded."""
+def embed_query(path: Path, model_dir: Path, gallery: Gallery, engine: str = "torch") -> np.ndarray:
+    """Embed one photo with the trained model, exactly as the gallery was embedded.
+
+    Args:
+        engine: what runs the network (`siamese_cv.params.ENGINES`); onnxruntime first
+            exports the model to ONNX, which takes seconds.
+    """
     from siamese_cv.data.images import ImageError, load_rgb
     from siamese_cv.embedding import Embedder
     from siamese_cv.hardware import resolve_device, resolve_precision
@@ -91,7 +98,7 @@ def embed_query(path: Path, model_dir: Path, gallery: Gallery) -> np.ndarray:
     except (ImageError, OSError) as error:
         raise UserError(f"{path}: cannot read the query image ({error})") from None
     precision = resolve_precision("auto", resolve_device("auto"))
-    return Embedder(model, prep, precision, batch_size=1).embed_images([image])
+    return Embedder(model, prep, precision, batch_size=1, engine=engine).embed_images([image])
 
 
 def choose_index(gallery: Gallery, index_dir: Path, kind: str | None) -> Index | None:
@@ -146,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
         "1/128 of the lists, at least 8)",
     )
     parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="what runs the network: torch (default) or onnxruntime (the model exported to "
+        "ONNX first, seconds; needs onnxruntime and onnxscript)",
+    )
+    parser.add_argument(
         "--processed",
         type=Path,
         default=paths.PROCESSED,
@@ -165,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.query.is_file():
         raise UserError(f"{args.query}: no such image file")
     gallery = load_gallery(args.gallery)
-    query = embed_query(args.query, args.model, gallery)
+    query = embed_query(args.query, args.model, gallery, args.engine)
     index = choose_index(gallery, args.index_dir, args.index)
     if args.nprobe is not None and index.kind != "ivf":
         raise UserError(
