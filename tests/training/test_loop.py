@@ -32,7 +32,7 @@ def split(n_per_class: int, seed: int) -> SplitImages:
     return SplitImages(encoded, np.array(labels))
 
 
-def run(params: TrainParams, freeze=None, pk=False):
+def run(params: TrainParams, freeze=None, pk=False, cache_engine="torch"):
     torch.manual_seed(0)
     model, _ = build_model("tiny", "linear", 16)
     model.freeze(freeze)
@@ -61,6 +61,7 @@ def run(params: TrainParams, freeze=None, pk=False):
         params,
         precision,
         batch_size_eval=16,
+        cache_engine=cache_engine,
     )
 
 
@@ -95,6 +96,24 @@ def test_cached_prefix_trains_exactly_like_the_images(monkeypatch):
     for a, b in zip(cached.history, plain.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_map_at_r"] == pytest.approx(b["val_map_at_r"], abs=1e-6)
+
+
+def test_an_onnxruntime_filled_cache_trains_like_the_torch_one(monkeypatch):
+    from siamese_cv import embedding
+
+    sessions = []
+    real_session = embedding._ort_session
+    monkeypatch.setattr(
+        embedding, "_ort_session", lambda *a: sessions.append(a) or real_session(*a)
+    )
+    params = TrainParams(epochs=2, lr=3e-3, workers=0, augment=True, augment_views=2)
+    torch_cache = run(params, freeze=1, pk=True)
+    assert not sessions
+    ort_cache = run(params, freeze=1, pk=True, cache_engine="onnxruntime")
+    assert ort_cache.cached_features and len(sessions) == 1
+    for a, b in zip(ort_cache.history, torch_cache.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert a["val_map_at_r"] == pytest.approx(b["val_map_at_r"], abs=1e-3)
 
 
 def test_pk_batches_with_a_miner_and_cached_augmented_views():

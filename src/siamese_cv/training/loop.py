@@ -116,6 +116,7 @@ def fit(
     batch_size_eval: int = 64,
     world: World = SINGLE,
     cache_precision: Precision | None = None,
+    cache_engine: str = "torch",
 ) -> TrainResult:
     """Train `model` in place and leave it holding the best epoch's weights (by validation MAP@R).
 
@@ -132,6 +133,8 @@ def fit(
             the single-process default.
         cache_precision: the inference precision for filling the frozen-prefix cache (default:
             `precision`); bf16 inference can pay off where bf16 training steps do not.
+        cache_engine: the embedding engine that fills the cache on a CPU (`evaluate.engine`);
+            on a GPU the cache always runs in torch there.
 
     Returns:
         Per-epoch history, the best epoch (1-based) and its metrics.
@@ -163,6 +166,7 @@ def fit(
             batch_size_eval,
             views,
             params.seed,
+            cache_engine if device.type == "cpu" else "torch",
         )
     cached = cache is not None
     if cached:
@@ -286,6 +290,7 @@ def _cache_frozen_prefix(
     batch_size: int,
     views: int,
     seed: int,
+    engine: str = "torch",
 ):
     """Run the frozen prefix once: (trainable rest, train outputs [views, n, ...], val outputs).
 
@@ -306,7 +311,7 @@ def _cache_frozen_prefix(
     per_image = sample.numel() * (2 if keep is torch.bfloat16 else 4)
     if per_image * (max(views, 1) * len(train.encoded) + len(val.encoded)) > CACHE_BUDGET_BYTES:
         return None
-    extractor = Embedder(prefix, prep, precision, batch_size, normalize=False)
+    extractor = Embedder(prefix, prep, precision, batch_size, normalize=False, engine=engine)
 
     def run(split: SplitImages) -> torch.Tensor:
         return torch.from_numpy(extractor.embed_encoded(split.encoded)).to(precision.device, keep)

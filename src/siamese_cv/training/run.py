@@ -110,6 +110,7 @@ def train_and_save(
             batch_size_eval=params.evaluate.batch_size,
             world=world,
             cache_precision=resolve_precision(params.evaluate.precision, precision.device),
+            cache_engine=params.evaluate.engine,
         )
 
     config = {
