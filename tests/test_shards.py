@@ -34,6 +34,12 @@ def test_shard_ranges_cover_the_rows_in_order(rows, count, align) -> None:
     assert max(sizes) - min(sizes) <= align * 2  # balanced to within a block (or two at the end)
 
 
+@pytest.mark.parametrize("index", [-1, 4])
+def test_a_shard_index_out_of_range_is_one_line_naming_the_flag(index) -> None:
+    with pytest.raises(UserError, match=rf"^--shard {index} is not in 0\.\.3: there are 4 shards"):
+        shard_range(100, index, 4)
+
+
 def test_row_ranges_read_the_same_rows_as_a_slice(tmp_path: Path) -> None:
     path = tmp_path / "t.parquet"
     table = pa.table({"x": np.arange(1000)})

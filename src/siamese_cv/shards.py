@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from siamese_cv.errors import UserError
 from siamese_cv.io import atomic_path, read_json, write_json
 
 SHARDS_ROOT = Path("data/.shards")
@@ -46,7 +47,10 @@ def shard_range(rows: int, index: int, count: int, align: int = 1) -> tuple[int,
     batch holds the same images as in a single-shard run); trailing shards may be empty.
     """
     if not 0 <= index < count:
-        raise ValueError(f"shard {index} is not in 0..{count - 1}")
+        raise UserError(
+            f"--shard {index} is not in 0..{count - 1}: there are {count} shards; "
+            "--shard is set by the stage itself, run the stage without it"
+        )
     blocks = -(-rows // align)  # ceil
     start = min(rows, (index * blocks // count) * align)
     stop = min(rows, ((index + 1) * blocks // count) * align)
