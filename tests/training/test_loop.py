@@ -116,6 +116,21 @@ def test_an_onnxruntime_filled_cache_trains_like_the_torch_one(monkeypatch):
         assert a["val_map_at_r"] == pytest.approx(b["val_map_at_r"], abs=1e-3)
 
 
+def test_a_cache_too_small_for_every_view_keeps_as_many_as_fit(monkeypatch, capsys):
+    torch.manual_seed(0)
+    model, _ = build_model("tiny", "linear", 16)
+    model.freeze(1)
+    per_image = 4 * model.split_frozen()[0].eval()(torch.zeros(1, 3, 32, 32)).numel()
+    n_train, n_val = 3 * 8, 3 * 4  # run()'s splits
+    monkeypatch.setattr(loop, "CACHE_BUDGET_BYTES", per_image * (2 * n_train + n_val))
+    params = TrainParams(epochs=1, lr=3e-3, workers=0, augment=True, augment_views=5)
+    result = run(params, freeze=1, pk=True)
+    assert result.cached_features and result.cached_views == 2
+    assert "5 augmented views of 24 images would need" in capsys.readouterr().err
+    monkeypatch.setattr(loop, "CACHE_BUDGET_BYTES", per_image * (n_train + n_val) - 1)
+    assert not run(params, freeze=1, pk=True).cached_features
+
+
 def test_pk_batches_with_a_miner_and_cached_augmented_views():
     params = TrainParams(
         epochs=3,

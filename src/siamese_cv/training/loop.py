@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class TrainResult:
     best: dict = field(default_factory=dict)
     seconds: float = 0.0
     cached_features: bool = False
+    cached_views: int = 0  # augmented views per training image in the cache (0: un-augmented)
 
 
 def _triplet_indices(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -177,7 +179,9 @@ def fit(
     optimizer = _optimizer(model, params, base_loss)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype == torch.float16)
-    result = TrainResult(cached_features=cached)
+    result = TrainResult(
+        cached_features=cached, cached_views=len(features) if cached and views else 0
+    )
     best_state = None
     started = time.perf_counter()
 
@@ -296,8 +300,9 @@ def _cache_frozen_prefix(
 
     With `views` > 0 the training images go through it as that many seeded augmented views, so
     augmentation survives caching; validation images always go through un-augmented.
-    Returns None when nothing is frozen, the backbone cannot be cut, or the outputs would not fit
-    in `CACHE_BUDGET_BYTES` (then every step recomputes them from the images).
+    Returns None when nothing is frozen, the backbone cannot be cut, or not even one view would fit
+    in `CACHE_BUDGET_BYTES` (then every step recomputes them from the images); when only some of
+    the views fit, it caches as many as do and says so.
     """
     parts = model.split_frozen()
     if parts is None:
@@ -309,8 +314,19 @@ def _cache_frozen_prefix(
         )
     keep = torch.bfloat16 if precision.dtype is torch.bfloat16 else torch.float32
     per_image = sample.numel() * (2 if keep is torch.bfloat16 else 4)
-    if per_image * (max(views, 1) * len(train.encoded) + len(val.encoded)) > CACHE_BUDGET_BYTES:
+    fit = (CACHE_BUDGET_BYTES // per_image - len(val.encoded)) // max(len(train.encoded), 1)
+    if fit < 1:
         return None
+    if views > fit:
+        # fewer views keep most of augmentation's gain; no cache would make every epoch run
+        # the frozen prefix again, several times slower
+        print(
+            f"train: {views} augmented views of {len(train.encoded)} images would need "
+            f"{per_image * views * len(train.encoded) / 2**30:.1f} GiB, over the "
+            f"{CACHE_BUDGET_BYTES / 2**30:.0f} GiB feature cache; caching {fit}",
+            file=sys.stderr,
+        )
+        views = fit
     extractor = Embedder(prefix, prep, precision, batch_size, normalize=False, engine=engine)
 
     def run(split: SplitImages) -> torch.Tensor:

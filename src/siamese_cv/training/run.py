@@ -126,6 +126,7 @@ def train_and_save(
         "device": str(precision.device),
         "world_size": world.size,
         "cached_features": result.cached_features,
+        "cached_views": result.cached_views,
         "best_epoch": result.best_epoch,
         "best": result.best,
         "history": result.history,
