@@ -314,19 +314,19 @@ def _cache_frozen_prefix(
         )
     keep = torch.bfloat16 if precision.dtype is torch.bfloat16 else torch.float32
     per_image = sample.numel() * (2 if keep is torch.bfloat16 else 4)
-    fit = (CACHE_BUDGET_BYTES // per_image - len(val.encoded)) // max(len(train.encoded), 1)
-    if fit < 1:
+    fitting = (CACHE_BUDGET_BYTES // per_image - len(val.encoded)) // max(len(train.encoded), 1)
+    if fitting < 1:
         return None
-    if views > fit:
+    if views > fitting:
         # fewer views keep most of augmentation's gain; no cache would make every epoch run
         # the frozen prefix again, several times slower
         print(
             f"train: {views} augmented views of {len(train.encoded)} images would need "
             f"{per_image * views * len(train.encoded) / 2**30:.1f} GiB, over the "
-            f"{CACHE_BUDGET_BYTES / 2**30:.0f} GiB feature cache; caching {fit}",
+            f"{CACHE_BUDGET_BYTES / 2**30:.0f} GiB feature cache; caching {fitting}",
             file=sys.stderr,
         )
-        views = fit
+        views = fitting
     extractor = Embedder(prefix, prep, precision, batch_size, normalize=False, engine=engine)
 
     def run(split: SplitImages) -> torch.Tensor:
