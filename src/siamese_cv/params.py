@@ -149,17 +149,22 @@ class TrainParams:
     )
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int = _opt(64, ge=1)
-    recall_at: list = _opt([1, 5, 10])
-    precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
-    engine: str = _opt(
+def _engine_opt():
+    """`evaluate.engine` and `export.engine`: the same choice for the embedder of each stage."""
+    return _opt(
         "torch",
         choices=ENGINES,
         doc="torch | onnxruntime: the model exported to ONNX at stage start and run by ONNX "
         "Runtime in fp32 on the CPU (needs onnxruntime and onnxscript)",
     )
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = _opt(64, ge=1)
+    recall_at: list = _opt([1, 5, 10])
+    precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
+    engine: str = _engine_opt()
 
 
 @dataclass(frozen=True)
@@ -168,12 +173,7 @@ class ExportParams:
     batch_size: int = _opt(64, ge=1)
     top_k: int = _opt(20, ge=1)
     precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
-    engine: str = _opt(
-        "torch",
-        choices=ENGINES,
-        doc="torch | onnxruntime: the model exported to ONNX at stage start and run by ONNX "
-        "Runtime in fp32 on the CPU (needs onnxruntime and onnxscript)",
-    )
+    engine: str = _engine_opt()
     shards: int = _opt(
         1,
         ge=1,
