@@ -1,7 +1,9 @@
 """Device and precision choices, detected at run time with a clean fp32 fallback.
 
 bf16 autocast with channels_last is several times faster than fp32 on CPUs with AMX or
-AVX512-BF16 and slower on CPUs without them, so `auto` asks the CPU what it has.
+AVX512-BF16 and slower on CPUs without them, so `auto` asks the CPU what it has. channels_last is
+on for every device and dtype: oneDNN's convolutions are faster in it in fp32 too (measured here:
+Lite2 inference 41 vs 21 img/s, a Lite2 training step 1.3-1.6x, ResNet-50 1.3-1.5x).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
         dtype = torch.float16
     else:
         raise UserError(f"precision: {requested!r} is not one of auto, fp32, bf16, fp16")
-    return Precision(device, dtype, channels_last=dtype is not None or cuda)
+    return Precision(device, dtype, channels_last=True)
 
 
 def seed_everything(seed: int) -> torch.Generator:
