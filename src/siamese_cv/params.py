@@ -127,6 +127,12 @@ class TrainParams:
         ge=0,
         doc="with augment and frozen leading stages: precompute this many augmented views of each image through them (0: augment on the fly)",
     )
+    ema: float = _opt(
+        0.0,
+        ge=0.0,
+        le=0.9999,
+        doc="> 0: validate and keep an exponential moving average of the weights, this decay per step",
+    )
     precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = _opt("auto", doc="auto | cpu | cuda | cuda:N")
     workers: int = _opt(2, ge=0)

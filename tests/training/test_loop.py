@@ -166,3 +166,24 @@ def test_the_optimizer_trains_a_proxy_loss_at_its_own_learning_rate():
     assert optimizer.param_groups[-1]["params"] == list(proxies.parameters())
     optimizer = loop._optimizer(model, TrainParams(lr=1e-3, proxy_lr=0.05), proxies)
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("freeze", [None, 1], ids=["images", "cached-prefix"])
+def test_a_moving_average_of_the_weights_is_what_gets_validated_and_kept(freeze):
+    params = TrainParams(epochs=4, lr=3e-3, workers=0)
+    plain = run(params, freeze=freeze)
+    # a decay near 0 averages nothing: the same run, step for step
+    instant = run(TrainParams(epochs=4, lr=3e-3, workers=0, ema=1e-6), freeze=freeze)
+    for a, b in zip(instant.history, plain.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_map_at_r"] == pytest.approx(b["val_map_at_r"], abs=1e-5)
+    averaged = run(TrainParams(epochs=4, lr=3e-3, workers=0, ema=0.8), freeze=freeze)
+    # the same steps are taken (the average never feeds back into training) ...
+    assert [h["train_loss"] for h in averaged.history] == pytest.approx(
+        [h["train_loss"] for h in plain.history], rel=1e-5
+    )
+    # ... but what is scored is the average, and it still learned
+    assert [h["val_loss"] for h in averaged.history] != pytest.approx(
+        [h["val_loss"] for h in plain.history], rel=1e-3
+    )
+    assert averaged.best["val_map_at_r"] > untrained_map_at_r() + 0.15

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from siamese_cv.embedding import Embedder
@@ -179,6 +180,9 @@ def fit(
     optimizer = _optimizer(model, params, base_loss)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype == torch.float16)
+    ema = _moving_average(model, params.ema)
+    scored = model if ema is None else ema.module  # what is validated and kept
+    scored_rest = scored.split_frozen()[1] if cached and ema is not None else None
     result = TrainResult(
         cached_features=cached, cached_views=len(features) if cached and views else 0
     )
@@ -217,18 +221,21 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             # the cross-rank wrapper returns world x the whole step's loss; shares are weighted so
             # that the mean over ranks is the step's loss
             losses.append(float(loss.detach()) / (world.size if cross else 1))
 
         distributed.sync_buffers(net, world)
 
+        scored.eval()
         if cached:
-            model.eval()
+            rest = trainable if scored_rest is None else scored_rest
             with torch.inference_mode(), precision.autocast():
                 val_raw = torch.cat(
                     [
-                        trainable(
+                        rest(
                             _as_input(
                                 _for(val_features[i : i + batch_size_eval], precision),
                                 memory_format,
@@ -239,7 +246,7 @@ def fit(
                 )
         else:
             val_raw = torch.from_numpy(
-                Embedder(model, prep, precision, batch_size_eval, normalize=False).embed_encoded(
+                Embedder(scored, prep, precision, batch_size_eval, normalize=False).embed_encoded(
                     val.encoded
                 )
             ).to(device)
@@ -252,12 +259,23 @@ def fit(
             log(row)
         if best_state is None or row[MONITOR] > result.best[MONITOR]:
             result.best_epoch, result.best = epoch, dict(row)
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(scored.state_dict())
 
     model.load_state_dict(best_state)
     model.eval()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _moving_average(model: EmbeddingNet, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics (`train.ema`).
+
+    Averaging the last few hundred steps smooths out the noise of small batches; the averaged
+    copy is what gets validated and kept.
+    """
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _for(batch: torch.Tensor, precision: Precision) -> torch.Tensor:
