@@ -44,3 +44,15 @@ def make_folder(tmp_path: Path):
 
 def solid_image(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> Image.Image:
     return Image.new("RGB", size, color)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _a_fresh_onnx_cache(tmp_path_factory):
+    """Tests never read or fill the user's ~/.cache/siamese-cv; their ONNX exports share one."""
+    before = os.environ.get("SIAMESE_CV_CACHE")
+    os.environ["SIAMESE_CV_CACHE"] = str(tmp_path_factory.mktemp("siamese-cv-cache"))
+    yield
+    if before is None:
+        os.environ.pop("SIAMESE_CV_CACHE")
+    else:
+        os.environ["SIAMESE_CV_CACHE"] = before

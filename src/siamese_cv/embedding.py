@@ -5,16 +5,14 @@ thread: Pillow releases the GIL) with inference, uses bf16 autocast + channels_l
 hardware is fast at it, and returns float32 vectors, L2-normalised unless asked for raw features.
 
 Engines: `torch` runs the module itself; `onnxruntime` exports the same module (backbone and
-head) to ONNX once, when the embedder is made (seconds), and runs it with ONNX Runtime in fp32
-on the CPU. Decoding, batching and normalisation are the same for both.
+head) to ONNX when the embedder is made (seconds; cached by content, `onnx_export.py`), and runs
+it with ONNX Runtime in fp32 on the CPU. Decoding, batching and normalisation are the same for both.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +27,7 @@ from siamese_cv.data.parquet import iter_batches
 from siamese_cv.errors import UserError
 from siamese_cv.hardware import Precision
 from siamese_cv.models.siamese import Preprocessing
+from siamese_cv.onnx_export import exported
 from siamese_cv.params import ENGINES
 
 ONNX_PACKAGES = "onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2"  # as requirements.txt pins
@@ -173,35 +172,14 @@ def import_onnxruntime() -> ModuleType:
 
 
 def _ort_session(model: nn.Module, prep: Preprocessing, threads: int):
-    """`model` exported to ONNX with a dynamic batch axis, in an fp32 CPU inference session."""
+    """`model` exported to ONNX (or its cached export) in an fp32 CPU inference session."""
     ort = import_onnxruntime()
-    example = torch.zeros(2, 3, prep.image_size, prep.image_size)
-    with tempfile.TemporaryDirectory(prefix="siamese-cv-onnx-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the exporter's notices, not the user's concern
-                program = torch.onnx.export(
-                    model,
-                    (example,),
-                    dynamo=True,
-                    verbose=False,
-                    input_names=["images"],
-                    output_names=["features"],
-                    dynamic_shapes=({0: torch.export.Dim("batch")},),
-                )
-            program.save(str(path))
-        except Exception as error:  # the exporter raises many types; all mean "not exportable"
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-            raise UserError(
-                f"engine onnxruntime: cannot export {type(model).__name__} to ONNX ({reason}); "
-                "use engine torch"
-            ) from error
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # idle worker threads sleep instead of spinning: the decoding thread needs the cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # idle worker threads sleep instead of spinning: the decoding thread needs the cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    with exported(model, prep.image_size) as path:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
