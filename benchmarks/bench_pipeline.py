@@ -41,6 +41,8 @@ def environment(clone: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(clone / "src")
+    # "from empty" includes the ONNX exports: a cache of the clone's own, filled by run 1
+    env["SIAMESE_CV_CACHE"] = str(clone.parent / "cache")
     return env
 
 
