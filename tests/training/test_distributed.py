@@ -158,8 +158,12 @@ def test_two_ranks_train_like_one_process(runs, name):
             continue
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-5, msg=key)
     for one, two in zip(single_history, history, strict=True):
-        for metric in ("train_loss", "val_loss", "val_map_at_r", "val_triplet_accuracy"):
+        for metric in ("train_loss", "val_loss"):
             assert two[metric] == pytest.approx(one[metric], abs=1e-4), (metric, one, two)
+        # rankings: weights equal to rounding (above) can still swap one near-tied pair, which
+        # moves MAP@R by about 0.005 on this validation set (seen with channels_last kernels)
+        for metric in ("val_map_at_r", "val_triplet_accuracy"):
+            assert two[metric] == pytest.approx(one[metric], abs=0.01), (metric, one, two)
 
 
 @pytest.mark.slow
