@@ -17,6 +17,7 @@ import hashlib
 import importlib.metadata
 import inspect
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -107,12 +108,16 @@ def _keep(fresh: Path, path: Path) -> Path:
         return fresh
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as part:
-            part.write(fresh.read_bytes())
-        os.replace(part.name, path)  # atomic: a killed process leaves only a .part file
+        handle, part = tempfile.mkstemp(dir=path.parent, suffix=".part")
     except OSError:
-        with contextlib.suppress(OSError, NameError):
-            os.unlink(part.name)
+        return fresh
+    try:
+        os.close(handle)
+        shutil.copyfile(fresh, part)
+        os.replace(part, path)  # atomic: a killed process leaves only a .part file
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
         return fresh
     _prune(path.parent)
     return path

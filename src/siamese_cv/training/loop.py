@@ -182,7 +182,10 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype == torch.float16)
     ema = _moving_average(model, params.ema)
     scored = model if ema is None else ema.module  # what is validated and kept
-    scored_rest = scored.split_frozen()[1] if cached and ema is not None else None
+    # with a cache, validation runs only the trainable part: the average's own copy of it
+    scored_rest = None
+    if cached:
+        scored_rest = trainable if ema is None else scored.split_frozen()[1]
     result = TrainResult(
         cached_features=cached, cached_views=len(features) if cached and views else 0
     )
@@ -231,11 +234,10 @@ def fit(
 
         scored.eval()
         if cached:
-            rest = trainable if scored_rest is None else scored_rest
             with torch.inference_mode(), precision.autocast():
                 val_raw = torch.cat(
                     [
-                        rest(
+                        scored_rest(
                             _as_input(
                                 _for(val_features[i : i + batch_size_eval], precision),
                                 memory_format,
