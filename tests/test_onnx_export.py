@@ -96,3 +96,26 @@ def test_a_cache_that_cannot_be_written_still_exports(cache, monkeypatch, tmp_pa
     np.testing.assert_allclose(out, Embedder(model, PREP, FP32).embed_encoded(photos()), atol=1e-5)
     Embedder(model, PREP, FP32, engine="onnxruntime")
     assert len(exports) == 2 and blocker.read_text().startswith("a file")
+
+
+def test_without_a_home_directory_nothing_is_cached_but_the_engine_runs(cache, monkeypatch):
+    _, exports = cache
+    for name in (onnx_export.CACHE_ENV, "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(onnx_export.Path, "home", staticmethod(no_home))
+    assert onnx_export.cache_dir() is None
+    model = tiny()
+    out = Embedder(model, PREP, FP32, engine="onnxruntime").embed_encoded(photos())
+    np.testing.assert_allclose(out, Embedder(model, PREP, FP32).embed_encoded(photos()), atol=1e-5)
+    Embedder(model, PREP, FP32, engine="onnxruntime")
+    assert len(exports) == 2  # exported each time: there is nowhere to keep it
+
+
+def test_the_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv(onnx_export.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert onnx_export.cache_dir() == tmp_path / "siamese-cv" / "onnx"

@@ -33,11 +33,17 @@ CACHE_ENV = "SIAMESE_CV_CACHE"
 KEEP = 8  # exports kept; a Lite2 export is about 25 MB, a ResNet-50 one about 100 MB
 
 
-def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV)
-    if not root:
-        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "siamese-cv")
-    return Path(root) / "onnx"
+def cache_dir() -> Path | None:
+    """Where exports are kept; None when no directory can be named (then nothing is cached)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / "onnx"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no $HOME and no passwd entry for this user (some containers)
+            return None
+    return Path(base) / "siamese-cv" / "onnx"
 
 
 def export_key(model: nn.Module, image_size: int) -> str:
@@ -67,8 +73,9 @@ def exported(model: nn.Module, image_size: int) -> Iterator[Path]:
     Raises:
         UserError: the model cannot be exported; the message says to use engine torch.
     """
-    path = cache_dir() / f"{export_key(model, image_size)}.onnx"
-    if path.is_file():
+    directory = cache_dir()
+    path = directory / f"{export_key(model, image_size)}.onnx" if directory else None
+    if path is not None and path.is_file():
         with contextlib.suppress(OSError):
             os.utime(path)  # most recently used: kept by the next prune
         yield path
@@ -76,7 +83,7 @@ def exported(model: nn.Module, image_size: int) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="siamese-cv-onnx-") as tmp:
         fresh = Path(tmp) / "model.onnx"
         _export(model, image_size, fresh)
-        yield _keep(fresh, path)
+        yield _keep(fresh, path) if path is not None else fresh
 
 
 def _export(model: nn.Module, image_size: int, path: Path) -> None:
