@@ -90,6 +90,11 @@ class ModelParams:
     weights: str = _opt("imagenet", doc="imagenet | none | a .safetensors/.pt file")
     head: str = _opt("seed", choices=("seed", "linear", "mlp", "identity"))
     embedding_dim: int = _opt(512, ge=1)
+    pooling: str = _opt(
+        "avg",
+        choices=("avg", "gem", "avgmax"),
+        doc="avg: the backbone's own | gem: generalised mean, learned exponent | avgmax: mean of average and max",
+    )
 
 
 @dataclass(frozen=True)

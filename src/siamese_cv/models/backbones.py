@@ -34,6 +34,31 @@ class Backbone:
     # training cache the output of a frozen prefix. None where the forward is not a chain.
     sequence: list[nn.Module] | None = None
     stage_ends: list[int] | None = None
+    # The attribute of `module` that pools the last feature map (what `model.pooling` replaces),
+    # and whether that module also flattens; None where the pooling cannot be swapped.
+    pool_attr: str | None = None
+    pool_flattens: bool = True
+
+    def set_pooling(self, kind: str) -> None:
+        """Replace the global pooling with `kind` (see `pooling.py`); `avg` keeps the backbone's.
+
+        Raises:
+            UserError: this backbone's pooling is not a module that can be replaced.
+        """
+        if kind == "avg":
+            return
+        from siamese_cv.models.pooling import make_pooling
+
+        if self.pool_attr is None:
+            raise UserError(
+                f"model.pooling: {kind} needs a backbone with a separate pooling module; "
+                "this one has none, use model.pooling: avg"
+            )
+        old = getattr(self.module, self.pool_attr)
+        pool = make_pooling(kind, self.pool_flattens)
+        setattr(self.module, self.pool_attr, pool)
+        if self.sequence is not None:
+            self.sequence = [pool if m is old else m for m in self.sequence]
 
     def split(self, n_stages: int) -> tuple[nn.Module, nn.Module] | None:
         """(prefix, rest) with the first `n_stages` stages in the prefix, or None if not a chain."""
@@ -112,7 +137,15 @@ def _resnet(depth: int) -> Callable[[], Backbone]:
             nn.Flatten(1),
         ]
         return Backbone(
-            net, stages, feature_dim, IMAGENET_MEAN, IMAGENET_STD, sequence, [4, 5, 6, 7, 8]
+            net,
+            stages,
+            feature_dim,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            sequence,
+            [4, 5, 6, 7, 8],
+            pool_attr="avgpool",
+            pool_flattens=False,  # ResNet.forward flattens after avgpool
         )
 
     def imagenet() -> dict[str, torch.Tensor]:
@@ -145,7 +178,14 @@ def _efficientnet_lite(variant: int) -> Callable[[], Backbone]:
         sequence = [net.conv_stem, net.bn1, *blocks, net.conv_head, net.bn2, net.global_pool]
         ends = [2, *range(3, 3 + len(blocks)), 4 + len(blocks)]
         return Backbone(
-            net, stages, net.num_features, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), sequence, ends
+            net,
+            stages,
+            net.num_features,
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+            sequence,
+            ends,
+            pool_attr="global_pool",
         )
 
     def imagenet() -> dict[str, torch.Tensor]:
@@ -209,7 +249,12 @@ def _timm_spec(model_name: str) -> BackboneSpec:
         stages = [[name] for name, _ in net.named_children() if name not in skip]
         mean = tuple(cfg.get("mean", IMAGENET_MEAN))
         std = tuple(cfg.get("std", IMAGENET_STD))
-        return Backbone(net, stages, net.num_features, mean, std)  # type: ignore[arg-type]
+        from timm.layers import SelectAdaptivePool2d
+
+        # with num_classes=0 timm's SelectAdaptivePool2d pools and flattens; other heads stay
+        pool = getattr(net, "global_pool", None)
+        pool_attr = "global_pool" if isinstance(pool, SelectAdaptivePool2d) else None
+        return Backbone(net, stages, net.num_features, mean, std, pool_attr=pool_attr)  # type: ignore[arg-type]
 
     def imagenet() -> dict[str, torch.Tensor]:
         net = timm.create_model(model_name, pretrained=True, num_classes=0)
@@ -245,6 +290,7 @@ def _tiny() -> Backbone:
         (0.5, 0.5, 0.5),
         list(net),
         [1, 2, 3],
+        pool_attr="pool",
     )
 
 

@@ -145,8 +145,11 @@ class EmbeddingNet(nn.Module):
         return not any(p.requires_grad for p in self.backbone.parameters())
 
 
-def build_model(backbone_name: str, head: str, embedding_dim: int) -> tuple[EmbeddingNet, Backbone]:
+def build_model(
+    backbone_name: str, head: str, embedding_dim: int, pooling: str = "avg"
+) -> tuple[EmbeddingNet, Backbone]:
     backbone = get_backbone_spec(backbone_name).build()
+    backbone.set_pooling(pooling)
     return EmbeddingNet(backbone, head, embedding_dim), backbone
 
 
@@ -200,7 +203,9 @@ def load_checkpoint(
             f"{directory}: {weights.name} and config.json are from different training "
             "runs (train stopped between the two writes?); rerun `dvc repro train`"
         )
-    model, _ = build_model(config["backbone"], config["head"], config["embedding_dim"])
+    model, _ = build_model(
+        config["backbone"], config["head"], config["embedding_dim"], config.get("pooling", "avg")
+    )
     model.load_state_dict(load_file(str(weights)))
     model.eval()
     return model, config

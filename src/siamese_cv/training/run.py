@@ -75,6 +75,7 @@ def train_and_save(
     tp = params.train
     seed_everything(tp.seed)
     backbone, card = load_pretrained(paths.PRETRAINED)
+    backbone.set_pooling(params.model.pooling)  # after the pretrained weights: GeM's p is new
     model = EmbeddingNet(backbone, params.model.head, params.model.embedding_dim)
     frozen = model.freeze(parse_freeze(tp.freeze))
     prep = preprocessing_of(params, card)
@@ -117,6 +118,7 @@ def train_and_save(
         "backbone": card["backbone"],
         "pretrained": {"weights": card["weights"], "fingerprint": card["fingerprint"]},
         "head": params.model.head,
+        "pooling": params.model.pooling,
         "feature_dim": model.feature_dim,
         "embedding_dim": model.embedding_dim,
         "preprocessing": prep.to_dict(),
