@@ -251,7 +251,8 @@ def _timm_spec(model_name: str) -> BackboneSpec:
         std = tuple(cfg.get("std", IMAGENET_STD))
         from timm.layers import SelectAdaptivePool2d
 
-        # with num_classes=0 timm's SelectAdaptivePool2d pools and flattens; other heads stay
+        # timm's SelectAdaptivePool2d (pools and, with num_classes=0, flattens) can be swapped;
+        # nets that pool another way (a ViT's class token) keep theirs
         pool = getattr(net, "global_pool", None)
         pool_attr = "global_pool" if isinstance(pool, SelectAdaptivePool2d) else None
         return Backbone(net, stages, net.num_features, mean, std, pool_attr=pool_attr)  # type: ignore[arg-type]

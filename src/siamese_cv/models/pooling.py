@@ -11,11 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-POOLINGS = ("avg", "gem", "avgmax")
-
 
 class GeM(nn.Module):
-    """Generalised mean over H x W: (mean x^p)^(1/p), p learned from `p` (1 = average, large = max)."""
+    """Generalised mean over H x W: (mean x^p)^(1/p); p is learned, starting at `p` (1 = average)."""
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6, flatten: bool = True):
         super().__init__()
