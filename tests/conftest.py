@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from siamese_cv.onnx_export import CACHE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 FOOD10 = Path(os.environ.get("SIAMESE_CV_FOOD10", ROOT.parent / "shared" / "datasets" / "food10"))
 
@@ -49,10 +51,10 @@ def solid_image(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -
 @pytest.fixture(autouse=True, scope="session")
 def _a_fresh_onnx_cache(tmp_path_factory):
     """Tests never read or fill the user's ~/.cache/siamese-cv; their ONNX exports share one."""
-    before = os.environ.get("SIAMESE_CV_CACHE")
-    os.environ["SIAMESE_CV_CACHE"] = str(tmp_path_factory.mktemp("siamese-cv-cache"))
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("siamese-cv-cache"))
     yield
     if before is None:
-        os.environ.pop("SIAMESE_CV_CACHE")
+        os.environ.pop(CACHE_ENV)
     else:
-        os.environ["SIAMESE_CV_CACHE"] = before
+        os.environ[CACHE_ENV] = before
