@@ -122,6 +122,28 @@ def test_an_ivf_index_is_built_once_by_its_stage_and_loaded_by_search(project):
     assert "building" not in found.stderr  # loaded, not rebuilt
 
 
+def test_the_pooled_features_as_embedding_reach_every_later_stage(project):
+    run(project, "siamese-params", "apply", "--set", "model.embed_from=pooled")
+    out = run(project, "dvc", "repro").stdout
+    assert ran(out) == {"train", "export_gallery", "index_gallery", "evaluate"}, out
+    config = json.loads((project / "models/config.json").read_text())
+    assert (config["head"], config["trained_head"], config["embed_from"]) == (
+        "identity",
+        "seed",
+        "pooled",
+    )
+    assert config["embedding_dim"] == config["feature_dim"] != 512
+    meta = json.loads((project / "data/gallery/meta.json").read_text())
+    assert (
+        meta["dim"] == config["feature_dim"] and meta["model_fingerprint"] == config["fingerprint"]
+    )
+    assert 0.0 < json.loads((project / "metrics/test.json").read_text())["map_at_r"] <= 1.0
+    source = json.loads((project / "data/raw/source.json").read_text())
+    first_id = pq.read_table(project / "data/gallery/embeddings.parquet").column("id")[2].as_py()
+    found = run(project, "siamese-search", str(Path(source["location"]) / first_id), "--json")
+    assert json.loads(found.stdout)[0]["id"] == first_id
+
+
 def test_forced_reruns_give_identical_metrics(project):
     run(project, "dvc", "repro", "--force", "-s", "train")
     run(project, "dvc", "repro")

@@ -95,6 +95,11 @@ class ModelParams:
         choices=("avg", "gem", "avgmax"),
         doc="avg: the backbone's own | gem: generalised mean, learned exponent | avgmax: mean of average and max",
     )
+    embed_from: str = _opt(
+        "head",
+        choices=("head", "pooled"),
+        doc="head: the head's output | pooled: the pooled backbone features under it (the head then only serves the loss)",
+    )
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,22 @@ def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path):
         load_checkpoint(tmp_path / "missing")
 
 
+def test_a_dropped_head_embeds_the_pooled_features_and_survives_a_checkpoint(tmp_path):
+    torch.manual_seed(4)
+    model, _ = build_model("tiny", "linear", 8)
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    pooled, projected = model.backbone(x), model(x)
+    model.drop_head()
+    assert model.embedding_dim == model.feature_dim == pooled.shape[1] != projected.shape[1]
+    assert not [k for k in model.state_dict() if k.startswith("head.")]
+    assert torch.equal(model(x), pooled)
+    config = {"backbone": "tiny", "head": "identity", "embedding_dim": model.embedding_dim}
+    save_checkpoint(model, config, tmp_path)
+    loaded, _ = load_checkpoint(tmp_path)
+    assert torch.equal(loaded(x), pooled) and loaded.embedding_dim == model.feature_dim
+
+
 def test_weights_and_config_from_different_runs_are_refused(tmp_path):
     """train writes the weights, then config.json: a kill in between must not pass as a model."""
     import json

@@ -32,9 +32,19 @@ def split(n_per_class: int, seed: int) -> SplitImages:
     return SplitImages(encoded, np.array(labels))
 
 
-def run(params: TrainParams, freeze=None, pk=False, cache_engine="torch"):
+def run(
+    params: TrainParams,
+    freeze=None,
+    pk=False,
+    cache_engine="torch",
+    embed_from="head",
+    trained: list | None = None,
+):
+    """Train the tiny network on coloured noise; `trained` receives the model it kept."""
     torch.manual_seed(0)
     model, _ = build_model("tiny", "linear", 16)
+    if trained is not None:
+        trained.append(model)
     model.freeze(freeze)
     train, val = split(8, 0), split(4, 1)
     if pk:
@@ -62,6 +72,7 @@ def run(params: TrainParams, freeze=None, pk=False, cache_engine="torch"):
         precision,
         batch_size_eval=16,
         cache_engine=cache_engine,
+        embed_from=embed_from,
     )
 
 
@@ -187,3 +198,31 @@ def test_a_moving_average_of_the_weights_is_what_gets_validated_and_kept(freeze)
         [h["val_loss"] for h in plain.history], rel=1e-3
     )
     assert averaged.best["val_map_at_r"] > untrained_map_at_r() + 0.15
+
+
+@pytest.mark.parametrize("freeze", [None, 1], ids=["images", "cached-prefix"])
+def test_embedding_from_the_pooled_features_validates_and_keeps_them(freeze):
+    from siamese_cv.embedding import Embedder
+    from siamese_cv.evaluation.metrics import retrieval_metrics
+
+    params = TrainParams(epochs=4, lr=3e-3, workers=0, ema=0.8)
+    head = run(params, freeze=freeze)
+    trained = []
+    pooled = run(params, freeze=freeze, embed_from="pooled", trained=trained)
+    # the same steps, and the same head-side validation loss ...
+    for a, b in zip(pooled.history, head.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    # ... but the retrieval metrics are the pooled features' ...
+    assert [h["val_map_at_r"] for h in pooled.history] != pytest.approx(
+        [h["val_map_at_r"] for h in head.history], abs=1e-4
+    )
+    # ... those of the weights it kept
+    val = split(4, 1)
+    features = Embedder(
+        trained[0].backbone, PREP, resolve_precision("fp32", torch.device("cpu"))
+    ).embed_encoded(val.encoded)
+    assert features.shape[1] == trained[0].feature_dim != trained[0].embedding_dim
+    metrics = retrieval_metrics(features, val.labels, recall_at=(1,))
+    assert metrics["map_at_r"] == pytest.approx(pooled.best["val_map_at_r"], abs=1e-6)
+    assert pooled.best["val_map_at_r"] > untrained_map_at_r() + 0.15

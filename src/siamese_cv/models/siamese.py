@@ -140,6 +140,16 @@ class EmbeddingNet(nn.Module):
         prefix, rest = parts
         return prefix, nn.Sequential(rest, self.head)
 
+    def drop_head(self) -> None:
+        """Embed with the pooled backbone features: the head was only the loss's projection.
+
+        As with SimCLR's projection head, the features under a trained head can keep more of the
+        similarity structure than its output does (`model.embed_from: pooled`). The saved model is
+        then the backbone with an `identity` head, so every engine and stage embeds it unchanged.
+        """
+        self.head = _HEADS["identity"](self.feature_dim, self.feature_dim)
+        self.embedding_dim = self.feature_dim
+
     @property
     def backbone_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.backbone.parameters())

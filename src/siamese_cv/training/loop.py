@@ -120,6 +120,7 @@ def fit(
     world: World = SINGLE,
     cache_precision: Precision | None = None,
     cache_engine: str = "torch",
+    embed_from: str = "head",
 ) -> TrainResult:
     """Train `model` in place and leave it holding the best epoch's weights (by validation MAP@R).
 
@@ -138,6 +139,9 @@ def fit(
             `precision`); bf16 inference can pay off where bf16 training steps do not.
         cache_engine: the embedding engine that fills the cache on a CPU (`evaluate.engine`);
             on a GPU the cache always runs in torch there.
+        embed_from: `model.embed_from`: which output validation scores (and so which epoch is
+            kept): the head's (`head`) or the pooled features under it (`pooled`); the
+            validation loss is always the head's.
 
     Returns:
         Per-epoch history, the best epoch (1-based) and its metrics.
@@ -182,10 +186,11 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype == torch.float16)
     ema = _moving_average(model, params.ema)
     scored = model if ema is None else ema.module  # what is validated and kept
-    # with a cache, validation runs only the trainable part: the average's own copy of it
+    # with a cache, validation runs only the trainable part (the average's own copy of it),
+    # without the head: validation needs the pooled features as well as the head's output
     scored_rest = None
     if cached:
-        scored_rest = trainable if ema is None else scored.split_frozen()[1]
+        scored_rest = (trainable if ema is None else scored.split_frozen()[1])[0]
     result = TrainResult(
         cached_features=cached, cached_views=len(features) if cached and views else 0
     )
@@ -235,7 +240,7 @@ def fit(
         scored.eval()
         if cached:
             with torch.inference_mode(), precision.autocast():
-                val_raw = torch.cat(
+                val_pooled = torch.cat(
                     [
                         scored_rest(
                             _as_input(
@@ -247,14 +252,14 @@ def fit(
                     ]
                 )
         else:
-            val_raw = torch.from_numpy(
-                Embedder(scored, prep, precision, batch_size_eval, normalize=False).embed_encoded(
-                    val.encoded
-                )
-            ).to(device)
+            embedder = Embedder(scored.backbone, prep, precision, batch_size_eval, normalize=False)
+            val_pooled = torch.from_numpy(embedder.embed_encoded(val.encoded)).to(device)
+        with torch.inference_mode(), precision.autocast():
+            val_head = scored.head(val_pooled).float()
         train_loss = distributed.mean_over_ranks(float(np.mean(losses)), world, device)
         row = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
-        row.update(_validate(val_raw, val.labels, val_triplets, base_loss))
+        exported = val_pooled if embed_from == "pooled" else val_head
+        row.update(_validate(val_head, exported, val.labels, val_triplets, base_loss))
         row["seconds"] = round(time.perf_counter() - started, 2)
         result.history.append(row)
         if world.main:
@@ -362,12 +367,19 @@ def _cache_frozen_prefix(
     return trainable, train_views, run(val)
 
 
-def _validate(raw: torch.Tensor, labels: np.ndarray, triplets: np.ndarray, loss_fn) -> dict:
+def _validate(
+    head_out: torch.Tensor,
+    exported: torch.Tensor,
+    labels: np.ndarray,
+    triplets: np.ndarray,
+    loss_fn,
+) -> dict:
+    """The loss on the head's output; the retrieval metrics on what will be exported."""
     with torch.no_grad():
-        lab = torch.as_tensor(labels, device=raw.device)
-        idx = tuple(torch.as_tensor(triplets[:, i], device=raw.device) for i in range(3))
-        val_loss = float(loss_fn(raw, lab, idx))
-    emb = torch.nn.functional.normalize(raw, dim=1).cpu().numpy()
+        lab = torch.as_tensor(labels, device=head_out.device)
+        idx = tuple(torch.as_tensor(triplets[:, i], device=head_out.device) for i in range(3))
+        val_loss = float(loss_fn(head_out, lab, idx))
+    emb = torch.nn.functional.normalize(exported.float(), dim=1).cpu().numpy()
     retrieval = retrieval_metrics(emb, labels, recall_at=(1,))
     return {
         "val_loss": val_loss,

@@ -112,12 +112,17 @@ def train_and_save(
             world=world,
             cache_precision=resolve_precision(params.evaluate.precision, precision.device),
             cache_engine=params.evaluate.engine,
+            embed_from=params.model.embed_from,
         )
+    if params.model.embed_from == "pooled":
+        model.drop_head()
 
     config = {
         "backbone": card["backbone"],
         "pretrained": {"weights": card["weights"], "fingerprint": card["fingerprint"]},
-        "head": params.model.head,
+        "head": "identity" if params.model.embed_from == "pooled" else params.model.head,
+        "trained_head": params.model.head,
+        "embed_from": params.model.embed_from,
         "pooling": params.model.pooling,
         "feature_dim": model.feature_dim,
         "embedding_dim": model.embedding_dim,
