@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = metrics["baseline"]
     print(
         f"evaluate: triplet accuracy {metrics['triplet_accuracy']:.4f} ± {metrics['triplet_accuracy_std']:.4f} "
-        f"(baseline {base['triplet_accuracy']:.4f}), precision@1 {metrics['precision_at_1']:.4f} "
+        f"(expected {metrics['expected_triplet_accuracy']:.4f}; baseline {base['triplet_accuracy']:.4f}), precision@1 {metrics['precision_at_1']:.4f} "
         f"(baseline {base['precision_at_1']:.4f}), MAP@R {metrics['map_at_r']:.4f} "
         f"(baseline {base['map_at_r']:.4f})"
     )

@@ -62,6 +62,7 @@ def test_metrics_have_the_model_and_the_baseline(project):
     keys = {
         "triplet_accuracy",
         "triplet_accuracy_std",
+        "expected_triplet_accuracy",
         "n_triplets",
         "precision_at_1",
         "recall_at_1",
@@ -77,6 +78,13 @@ def test_metrics_have_the_model_and_the_baseline(project):
     assert metrics["n_triplets"] == 9 and 0.0 <= metrics["triplet_accuracy"] <= 1.0
     shown = run(project, "dvc", "metrics", "show").stdout
     assert "triplet_accuracy" in shown and "baseline.triplet_accuracy" in shown
+
+
+def test_dvc_plots_show_renders_every_training_curve(project, tmp_path):
+    run(project, "dvc", "plots", "show", "-o", str(tmp_path / "rendered"))
+    page = (tmp_path / "rendered/index.html").read_text(encoding="utf-8")
+    for curve in ("train_loss", "val_map_at_r", "val_expected_triplet_accuracy"):
+        assert curve in page, curve
 
 
 def test_second_repro_does_nothing(project):

@@ -11,8 +11,10 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 
+from siamese_cv.data.triplets import random_triplets
 from siamese_cv.errors import UserError
 from siamese_cv.evaluation.metrics import (
+    expected_triplet_accuracy,
     gallery_metrics,
     neighbour_confusion,
     retrieval_metrics,
@@ -223,6 +225,62 @@ def test_triplet_accuracy_draws_mean_std_and_sizes():
     assert out["triplet_accuracy_std"] == pytest.approx(0.125)  # population std of 1.0, 0.75
     assert out["n_triplets"] == 3  # draws of 2 and 4 triplets
     assert out["n_draws"] == 2
+
+
+def expected_by_enumeration(emb: np.ndarray, labels: np.ndarray) -> float:
+    """Every (anchor, positive, negative) with the chance random_triplets gives it."""
+    classes = sorted(set(labels.tolist()))
+    per_anchor = []
+    for a in range(len(labels)):
+        positives = [p for p in range(len(labels)) if labels[p] == labels[a] and p != a]
+        if not positives:
+            continue
+        total = 0.0
+        for p in positives:
+            for c in classes:
+                if c == labels[a]:
+                    continue
+                members = np.flatnonzero(labels == c)
+                wins = sum(float(emb[a] @ emb[p]) > float(emb[a] @ emb[n]) for n in members)
+                total += wins / len(members) / (len(classes) - 1)
+        per_anchor.append(total / len(positives))
+    return float(np.mean(per_anchor))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_expected_triplet_accuracy_weighs_every_triplet_as_the_draws_do(seed):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2, 3], [2, 3, 7, 12])  # unbalanced: negatives are not uniform
+    emb = unit(rng.normal(size=(len(labels), 3)) + 1.5 * np.eye(3)[labels % 3])
+    exact = expected_triplet_accuracy(emb, labels)
+    assert exact == pytest.approx(expected_by_enumeration(emb, labels), abs=1e-9)
+    assert 0.5 < exact < 0.97  # a real mixture, neither random nor perfect
+    # and it is what many draws converge to
+    draws = [random_triplets(labels, np.random.default_rng(d)).T for d in range(3000)]
+    mean = np.mean([triplet_accuracy(emb, *draw) for draw in draws])
+    assert mean == pytest.approx(exact, abs=0.005)
+
+
+def test_expected_triplet_accuracy_by_hand():
+    # class 0 at 0 and 12 degrees, class 1 at 20 and 180
+    emb, labels = angles([0, 12, 20, 180]), np.array([0, 0, 1, 1])
+    # anchors: 0 wins both negatives (1.0); 12 loses to 20 (8 degrees, its positive is 12
+    # away) and beats 180 (0.5); 20's positive is 160 away, both negatives nearer (0.0);
+    # 180's positive is 160 away, both negatives further (1.0)
+    assert expected_triplet_accuracy(emb, labels) == pytest.approx((1.0 + 0.5 + 0.0 + 1.0) / 4)
+    assert expected_triplet_accuracy(angles([0, 1, 90, 91]), labels) == 1.0
+    assert expected_triplet_accuracy(unit(np.ones((4, 2))), labels) == 0.0  # strict, collapsed
+    with pytest.raises(ValueError, match="two classes"):
+        expected_triplet_accuracy(angles([0, 1]), np.array([0, 0]))
+
+
+def test_expected_triplet_accuracy_in_chunks_equals_one_slab(monkeypatch):
+    from siamese_cv.evaluation import metrics
+
+    emb, labels = random_unit(50, 8, 5), np.arange(50) % 4
+    whole = expected_triplet_accuracy(emb, labels)
+    monkeypatch.setattr(metrics, "_SLAB_ELEMENTS", 7 * 50)
+    assert expected_triplet_accuracy(emb, labels) == pytest.approx(whole, abs=1e-12)
 
 
 def test_gallery_metrics_match_brute_force():

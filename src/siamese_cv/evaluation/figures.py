@@ -340,7 +340,12 @@ def confusion_figure(
 
 
 _LOSS_KEYS = ("train_loss", "val_loss")
-_SCORE_KEYS = ("val_triplet_accuracy", "val_precision_at_1", "val_map_at_r")
+_SCORE_KEYS = (
+    "val_triplet_accuracy",
+    "val_expected_triplet_accuracy",
+    "val_precision_at_1",
+    "val_map_at_r",
+)
 MONITOR = "val_map_at_r"  # what siamese_cv.training.loop keeps the best epoch by
 
 

@@ -16,7 +16,12 @@ import numpy as np
 from siamese_cv import paths
 from siamese_cv.data.parquet import read_table
 from siamese_cv.data.triplet_tables import read_triplets
-from siamese_cv.evaluation.metrics import gallery_metrics, retrieval_metrics, triplet_accuracy_draws
+from siamese_cv.evaluation.metrics import (
+    expected_triplet_accuracy,
+    gallery_metrics,
+    retrieval_metrics,
+    triplet_accuracy_draws,
+)
 
 
 @dataclass
@@ -49,6 +54,7 @@ def score_embeddings(
 ) -> dict[str, Any]:
     """All metrics of one model: see the module docstring. Embeddings must be L2-normalised."""
     out: dict[str, Any] = dict(triplet_accuracy_draws(test_emb, test.draws))
+    out["expected_triplet_accuracy"] = expected_triplet_accuracy(test_emb, test.labels)
     retrieval = retrieval_metrics(
         test_emb, test.labels, recall_at=tuple(recall_at), class_names=test.class_names
     )

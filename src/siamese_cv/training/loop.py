@@ -25,7 +25,11 @@ from torch.utils.data import DataLoader
 
 from siamese_cv.embedding import Embedder
 from siamese_cv.errors import UserError
-from siamese_cv.evaluation.metrics import retrieval_metrics, triplet_accuracy
+from siamese_cv.evaluation.metrics import (
+    expected_triplet_accuracy,
+    retrieval_metrics,
+    triplet_accuracy,
+)
 from siamese_cv.hardware import Precision
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
 from siamese_cv.params import TrainParams
@@ -386,6 +390,7 @@ def _validate(
         "val_triplet_accuracy": triplet_accuracy(
             emb, triplets[:, 0], triplets[:, 1], triplets[:, 2]
         ),
+        "val_expected_triplet_accuracy": expected_triplet_accuracy(emb, labels),
         "val_precision_at_1": retrieval["precision_at_1"],
         "val_map_at_r": retrieval["map_at_r"],
     }
