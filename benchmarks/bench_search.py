@@ -1,7 +1,7 @@
 """Single-query search latency: exact numpy and FAISS IVF against the original's Python loop.
 
-Galleries of 5,000 and 1,000,000 (100,000 with --quick) synthetic 512-d vectors, L2-normalised
-and clustered around seeded directions, 100 vectors to a direction (as the photos of one class
+Galleries of 5,000 and 1,000,000 (100,000 with --quick) synthetic 1280-d vectors (`--dim`),
+L2-normalised and clustered around seeded directions, 100 vectors to a direction (as the photos of one class
 or one product are); queries are fresh draws from the same mixture. Project: `siamese_cv.index`
 (`exact`: one matrix product + partial sort; `ivf`: FAISS IVF-SQ8 with its default nlist and
 nprobe). Baseline: the original's search, a Python loop computing one cosine per gallery
@@ -22,7 +22,7 @@ from _common import Row, percentile, print_table
 
 from siamese_cv.index import Index, build_index
 
-DIM = 512
+DIM = 1280  # the offline profile: Lite2's pooled features, no projection head
 PER_CENTRE = 100
 SPREAD = 0.6  # noise norm relative to the unit centre: cosine to its centre about 0.86
 K = 10
@@ -33,10 +33,11 @@ LOOP_SLICE = 50_000
 
 def clustered(n: int, rng: np.random.Generator, centre: np.ndarray) -> np.ndarray:
     """`n` normalised vectors around random rows of `centre`, made in chunks (no float64 copy)."""
-    out = np.empty((n, DIM), np.float32)
+    dim = centre.shape[1]
+    out = np.empty((n, dim), np.float32)
     for start in range(0, n, 100_000):
         m = min(100_000, n - start)
-        noise = rng.standard_normal((m, DIM), dtype=np.float32) * np.float32(SPREAD / np.sqrt(DIM))
+        noise = rng.standard_normal((m, dim), dtype=np.float32) * np.float32(SPREAD / np.sqrt(dim))
         block = centre[rng.integers(0, len(centre), m)] + noise
         out[start : start + m] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
@@ -69,9 +70,9 @@ def recall_at_k(exact: np.ndarray, approx: np.ndarray) -> float:
     return float(np.mean(hits))
 
 
-def bench_gallery(n: int, seed: int) -> tuple[list[Row], list[str]]:
+def bench_gallery(n: int, seed: int, dim: int = DIM) -> tuple[list[Row], list[str]]:
     rng = np.random.default_rng(seed)
-    centre = rng.standard_normal((max(1, n // PER_CENTRE), DIM), dtype=np.float32)
+    centre = rng.standard_normal((max(1, n // PER_CENTRE), dim), dtype=np.float32)
     centre /= np.linalg.norm(centre, axis=1, keepdims=True)
     gallery = clustered(n, rng, centre)
     queries = clustered(QUERIES, rng, centre)
@@ -155,14 +156,17 @@ def _describe(index: Index) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100,000 vectors instead of 1,000,000")
+    parser.add_argument(
+        "--dim", type=int, default=DIM, help=f"vector width (default {DIM}; 512 with a linear head)"
+    )
     args = parser.parse_args(argv)
     rows, notes = [], []
     for seed, n in enumerate((5_000, 100_000 if args.quick else 1_000_000)):
-        more_rows, more_notes = bench_gallery(n, seed)
+        more_rows, more_notes = bench_gallery(n, seed, args.dim)
         rows += more_rows
         notes += more_notes
     notes.append(
-        f"{DIM}-d vectors, {PER_CENTRE} around each seeded direction; single-query "
+        f"{args.dim}-d vectors, {PER_CENTRE} around each seeded direction; single-query "
         f"calls, top-{K}; ms = milliseconds per query; ratio = times faster"
     )
     print_table("bench_search: single-query latency", rows, notes)
