@@ -1,8 +1,8 @@
 """Single-query search latency: exact numpy and FAISS IVF against the original's Python loop.
 
 Galleries of 5,000 and 1,000,000 (100,000 with --quick) synthetic 1280-d vectors (`--dim`),
-L2-normalised and clustered around seeded directions, 100 vectors to a direction (as the photos of one class
-or one product are); queries are fresh draws from the same mixture. Project: `siamese_cv.index`
+L2-normalised and clustered around seeded directions, 100 vectors to a direction (as the
+photos of one class or one product are); queries are fresh draws from the same mixture. Project: `siamese_cv.index`
 (`exact`: one matrix product + partial sort; `ivf`: FAISS IVF-SQ8 with its default nlist and
 nprobe). Baseline: the original's search, a Python loop computing one cosine per gallery
 vector, then a sort. On a large gallery that loop takes seconds per query, so it is timed on a

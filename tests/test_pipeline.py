@@ -12,6 +12,17 @@ from pipeline_project import STAGES, copy_photos, make_project, ran, run
 pytestmark = pytest.mark.slow
 
 
+def gallery_photo(root: Path, row: int) -> tuple[str, Path]:
+    """The id of gallery row `row` and the source photo it was made from."""
+    photo_id = pq.read_table(root / "data/gallery/embeddings.parquet").column("id")[row].as_py()
+    source = json.loads((root / "data/raw/source.json").read_text())
+    return photo_id, Path(source["location"]) / photo_id
+
+
+def search(root: Path, photo: Path, *options: str) -> list[dict]:
+    return json.loads(run(root, "siamese-search", str(photo), "--json", *options).stdout)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, request) -> Path:
     base = tmp_path_factory.mktemp("pipeline")
@@ -93,13 +104,8 @@ def test_second_repro_does_nothing(project):
 
 
 def test_search_finds_a_gallery_image_first(project):
-    source = json.loads((project / "data/raw/source.json").read_text())
-    first_id = pq.read_table(project / "data/gallery/embeddings.parquet").column("id")[5].as_py()
-    photo = Path(source["location"]) / first_id
-    out = run(
-        project, "siamese-search", str(photo), "--top", "3", "--json", "--grid", "grid.png"
-    ).stdout
-    hits = json.loads(out)
+    _, photo = gallery_photo(project, 5)
+    hits = search(project, photo, "--top", "3", "--grid", "grid.png")
     assert hits[0]["id"].endswith(photo.name) and hits[0]["score"] > 0.99
     assert [h["rank"] for h in hits] == [1, 2, 3] and (project / "grid.png").stat().st_size > 0
 
@@ -123,9 +129,8 @@ def test_an_ivf_index_is_built_once_by_its_stage_and_loaded_by_search(project):
     meta = json.loads((project / "data/index/index.json").read_text())
     assert meta["kind"] == "ivf" and meta["ntotal"] == 12
     assert (project / "data/index/ivf.faiss").stat().st_size > 0
-    source = json.loads((project / "data/raw/source.json").read_text())
-    first_id = pq.read_table(project / "data/gallery/embeddings.parquet").column("id")[5].as_py()
-    found = run(project, "siamese-search", str(Path(source["location"]) / first_id), "--json")
+    first_id, photo = gallery_photo(project, 5)
+    found = run(project, "siamese-search", str(photo), "--json")
     assert json.loads(found.stdout)[0]["id"] == first_id
     assert "building" not in found.stderr  # loaded, not rebuilt
 
@@ -146,10 +151,8 @@ def test_the_pooled_features_as_embedding_reach_every_later_stage(project):
         meta["dim"] == config["feature_dim"] and meta["model_fingerprint"] == config["fingerprint"]
     )
     assert 0.0 < json.loads((project / "metrics/test.json").read_text())["map_at_r"] <= 1.0
-    source = json.loads((project / "data/raw/source.json").read_text())
-    first_id = pq.read_table(project / "data/gallery/embeddings.parquet").column("id")[2].as_py()
-    found = run(project, "siamese-search", str(Path(source["location"]) / first_id), "--json")
-    assert json.loads(found.stdout)[0]["id"] == first_id
+    first_id, photo = gallery_photo(project, 2)
+    assert search(project, photo)[0]["id"] == first_id
 
 
 def test_forced_reruns_give_identical_metrics(project):
@@ -174,9 +177,5 @@ def test_push_then_pull_on_a_fresh_clone_needs_no_stage(project, tmp_path):
     assert "up to date" in status, status
     out = run(clone, "dvc", "repro").stdout
     assert ran(out) == set(), out
-    first_id = pq.read_table(clone / "data/gallery/embeddings.parquet").column("id")[0].as_py()
-    source = json.loads((clone / "data/raw/source.json").read_text())
-    hits = json.loads(
-        run(clone, "siamese-search", str(Path(source["location"]) / first_id), "--json").stdout
-    )
-    assert hits[0]["id"] == first_id
+    first_id, photo = gallery_photo(clone, 0)
+    assert search(clone, photo)[0]["id"] == first_id

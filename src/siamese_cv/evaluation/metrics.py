@@ -225,7 +225,7 @@ def expected_triplet_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> flo
             dim=1,
         )
         # the negative weight strictly below each similarity: strict, as in triplet_accuracy
-        won = below.gather(1, torch.searchsorted(sorted_sims, sims.contiguous(), side="left"))
+        won = below.gather(1, torch.searchsorted(sorted_sims, sims, side="left"))
         n_pos = positive.sum(dim=1)
         keep = n_pos > 0
         per_anchor.append((won * positive).sum(dim=1)[keep] / n_pos[keep])
