@@ -70,6 +70,16 @@ def test_defaults_fill_missing_sections(tmp_path):
             "export.engine: onnxruntime runs the model in fp32 on the CPU, not bf16; set "
             "export.precision: auto or fp32",
         ),
+        (
+            {"model": {"inference_sizes": [244, "big"]}},
+            "model.inference_sizes: 'big' must be a whole number of pixels, 16 to 2048",
+        ),
+        (
+            {"model": {"inference_sizes": [8]}},
+            "model.inference_sizes: 8 must be a whole number of pixels, 16 to 2048",
+        ),
+        ({"model": {"inference_sizes": 340}}, "model.inference_sizes: expected a list"),
+        ({"model": {"inference_sizes": [340, 340]}}, "model.inference_sizes: [340, 340] lists"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, message):

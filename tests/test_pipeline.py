@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -153,6 +154,41 @@ def test_the_pooled_features_as_embedding_reach_every_later_stage(project):
     assert 0.0 < json.loads((project / "metrics/test.json").read_text())["map_at_r"] <= 1.0
     first_id, photo = gallery_photo(project, 2)
     assert search(project, photo)[0]["id"] == first_id
+
+
+def test_inference_sizes_reach_the_gallery_and_a_search_query(project):
+    import numpy as np
+    import torch
+
+    from siamese_cv.embedding import Embedder
+    from siamese_cv.hardware import resolve_precision
+    from siamese_cv.models.siamese import Preprocessing, load_checkpoint
+    from siamese_cv.params import load_params
+
+    run(project, "siamese-params", "apply", "--set", "model.inference_sizes=[64, 96]")
+    out = run(project, "dvc", "repro").stdout
+    assert ran(out) == {"train", "export_gallery", "index_gallery", "evaluate"}, out
+    config = json.loads((project / "models/config.json").read_text())
+    assert config["preprocessing"]["input_sizes"] == [64, 96]
+    meta = json.loads((project / "data/gallery/meta.json").read_text())
+    assert meta["preprocessing"]["input_sizes"] == [64, 96]
+    # the gallery holds the two sizes' mean embedding of each stored photo, not the 64 px one
+    model, _ = load_checkpoint(project / "models")
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    photos = pq.read_table(project / "data/processed/train.parquet").column("image").to_pylist()
+    gallery = pq.read_table(project / "data/gallery/embeddings.parquet").column("vector")
+    gallery = np.array(gallery.to_pylist(), dtype=np.float32)
+    export = load_params(project / "params.yaml").export  # embed as the stage did
+    precision = resolve_precision(export.precision, torch.device("cpu"))
+    both = Embedder(model, prep, precision, export.batch_size).embed_encoded(photos)
+    stored_size = Embedder(model, replace(prep, input_sizes=()), precision, export.batch_size)
+    stored_size = stored_size.embed_encoded(photos)
+    np.testing.assert_allclose(gallery, both, atol=1e-6)
+    assert np.abs(gallery - stored_size).max() > 1e-3
+    # a query photo, read from its original file, is embedded the same way and finds itself
+    first_id, photo = gallery_photo(project, 4)
+    hits = search(project, photo)
+    assert hits[0]["id"] == first_id and hits[0]["score"] > 0.99
 
 
 def test_forced_reruns_give_identical_metrics(project):

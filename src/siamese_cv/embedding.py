@@ -26,6 +26,7 @@ from torch import nn
 from siamese_cv.data.parquet import iter_batches
 from siamese_cv.errors import UserError
 from siamese_cv.hardware import Precision
+from siamese_cv.models.multiscale import at_sizes
 from siamese_cv.models.siamese import Preprocessing
 from siamese_cv.onnx_export import exported
 from siamese_cv.params import ENGINES
@@ -60,7 +61,8 @@ class Embedder:
 
     Args:
         model: maps [B, 3, H, W] to [B, D]; put in eval mode here, whatever it was.
-        prep: the preprocessing the model was trained with.
+        prep: the preprocessing the model was trained with; with `input_sizes`, the model runs
+            inside a wrapper that resizes the stored-size batch (`models/multiscale.py`).
         precision: device, autocast dtype and memory format (see `hardware.resolve_precision`);
             the onnxruntime engine runs fp32 on the CPU and records that as its precision.
         batch_size: images per forward pass.
@@ -88,6 +90,7 @@ class Embedder:
         self.normalize = normalize
         self.engine = engine
         self._session = None
+        model = at_sizes(model, prep.sizes, prep.image_size)
         if engine == "onnxruntime":
             self.precision = Precision(torch.device("cpu"), None, channels_last=False)
             self.model = model.eval().to("cpu")

@@ -100,6 +100,11 @@ class ModelParams:
         choices=("head", "pooled"),
         doc="head: the head's output | pooled: the pooled backbone features under it (the head then only serves the loss)",
     )
+    inference_sizes: list = _opt(
+        [],
+        doc="input sizes (px) the trained network embeds at; several: the mean of their "
+        "L2-normalised embeddings; [] = preprocess.image_size",
+    )
 
 
 @dataclass(frozen=True)
@@ -312,6 +317,14 @@ def _check_cross(params: Params) -> None:
     for k in params.evaluate.recall_at:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ParamsError(f"evaluate.recall_at: {k!r} must be a positive integer")
+    sizes = params.model.inference_sizes
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 2048:
+            raise ParamsError(
+                f"model.inference_sizes: {size!r} must be a whole number of pixels, 16 to 2048"
+            )
+    if len(set(sizes)) != len(sizes):
+        raise ParamsError(f"model.inference_sizes: {sizes} lists a size twice")
     device = params.train.device
     if device not in ("auto", "cpu", "cuda") and not (
         device.startswith("cuda:") and device[5:].isdigit()

@@ -1,6 +1,7 @@
 """The training loop on images a tiny network can learn: colour decides the class."""
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -39,6 +40,7 @@ def run(
     cache_engine="torch",
     embed_from="head",
     trained: list | None = None,
+    prep: Preprocessing = PREP,
 ):
     """Train the tiny network on coloured noise; `trained` receives the model it kept."""
     torch.manual_seed(0)
@@ -63,7 +65,7 @@ def run(
     precision = resolve_precision("fp32", torch.device("cpu"))
     return fit(
         model,
-        PREP,
+        prep,
         train,
         val,
         Schedule(epochs, not pk),
@@ -226,3 +228,29 @@ def test_embedding_from_the_pooled_features_validates_and_keeps_them(freeze):
     metrics = retrieval_metrics(features, val.labels, recall_at=(1,))
     assert metrics["map_at_r"] == pytest.approx(pooled.best["val_map_at_r"], abs=1e-6)
     assert pooled.best["val_map_at_r"] > untrained_map_at_r() + 0.15
+
+
+@pytest.mark.parametrize("freeze", [None, 1], ids=["images", "cached-prefix"])
+def test_validation_embeds_at_the_inference_sizes_as_the_exported_model_will(freeze):
+    from siamese_cv.embedding import Embedder
+    from siamese_cv.evaluation.metrics import retrieval_metrics
+
+    params = TrainParams(epochs=2, lr=1e-3, workers=0)
+    multi = replace(PREP, input_sizes=(32, 48))
+    trained = []
+    at_sizes = run(params, freeze=freeze, prep=multi, trained=trained)
+    single = run(params, freeze=freeze)
+    # training runs at the stored size, and the loss is the first size's: both unchanged ...
+    for a, b in zip(at_sizes.history, single.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    # ... while the retrieval metrics are those of the two sizes' mean embedding ...
+    assert [h["val_map_at_r"] for h in at_sizes.history] != pytest.approx(
+        [h["val_map_at_r"] for h in single.history], abs=1e-4
+    )
+    # ... exactly as the embedder computes it from the weights that were kept
+    val = split(4, 1)
+    emb = Embedder(trained[0], multi, resolve_precision("fp32", torch.device("cpu")))
+    metrics = retrieval_metrics(emb.embed_encoded(val.encoded), val.labels, recall_at=(1,))
+    assert metrics["map_at_r"] == pytest.approx(at_sizes.best["val_map_at_r"], abs=1e-6)
+    assert at_sizes.best["val_map_at_r"] > untrained_map_at_r() + 0.15

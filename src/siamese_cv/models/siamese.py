@@ -68,20 +68,35 @@ def _identity_head(feature_dim: int, embedding_dim: int) -> nn.Module:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a photo becomes the network's input; saved with every checkpoint and gallery."""
+    """How a photo becomes the network's input; saved with every checkpoint and gallery.
+
+    Photos are resized to `image_size` (as the preprocess stage stored them); at inference the
+    network sees them at each of `input_sizes` (`model.inference_sizes`; empty: `image_size`).
+    """
 
     image_size: int
     resize: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    input_sizes: tuple[int, ...] = ()
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The input sizes the network embeds at."""
+        return self.input_sizes or (self.image_size,)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        """Configs written before `input_sizes` existed load with none (the stored size)."""
         return cls(
-            int(data["image_size"]), str(data["resize"]), tuple(data["mean"]), tuple(data["std"])
+            int(data["image_size"]),
+            str(data["resize"]),
+            tuple(data["mean"]),
+            tuple(data["std"]),
+            tuple(int(s) for s in data.get("input_sizes", ())),
         )
 
 

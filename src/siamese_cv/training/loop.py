@@ -12,11 +12,12 @@ validates identically, and only rank 0 calls `log`.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -130,7 +131,9 @@ def fit(
 
     Args:
         model: backbone + head, already frozen as `train.freeze` asks.
-        prep: preprocessing of the processed images.
+        prep: preprocessing of the processed images; training runs at `image_size`,
+            validation embeds at its `sizes` (the mean of the L2-normalised embeddings when
+            there are several), as the exported model will.
         train, val: the splits' images and labels.
         schedule: per-epoch steps from the sample_triplets stage.
         val_triplets: [n, 3] fixed validation triplets (rows of `val`).
@@ -145,7 +148,7 @@ def fit(
             on a GPU the cache always runs in torch there.
         embed_from: `model.embed_from`: which output validation scores (and so which epoch is
             kept): the head's (`head`) or the pooled features under it (`pooled`); the
-            validation loss is always the head's.
+            validation loss is always the head's, at the first inference size.
 
     Returns:
         Per-epoch history, the best epoch (1-based) and its metrics.
@@ -181,7 +184,8 @@ def fit(
         )
     cached = cache is not None
     if cached:
-        trainable, features, val_features = cache  # features: [views or 1, n, ...]
+        # features: [views or 1, n, ...]; val_features: one tensor per inference size
+        trainable, features, val_features = cache
     net = distributed.wrap(trainable if cached else model, world, device)
 
     steps_per_epoch = len(schedule.epochs[0])
@@ -242,27 +246,18 @@ def fit(
         distributed.sync_buffers(net, world)
 
         scored.eval()
-        if cached:
-            with torch.inference_mode(), precision.autocast():
-                val_pooled = torch.cat(
-                    [
-                        scored_rest(
-                            _as_input(
-                                _for(val_features[i : i + batch_size_eval], precision),
-                                memory_format,
-                            )
-                        ).float()
-                        for i in range(0, len(val_features), batch_size_eval)
-                    ]
-                )
-        else:
-            embedder = Embedder(scored.backbone, prep, precision, batch_size_eval, normalize=False)
-            val_pooled = torch.from_numpy(embedder.embed_encoded(val.encoded)).to(device)
-        with torch.inference_mode(), precision.autocast():
-            val_head = scored.head(val_pooled).float()
+        val_head, exported = _embed_validation(
+            scored,
+            scored_rest,
+            val_features if cached else None,
+            val,
+            prep,
+            precision,
+            batch_size_eval,
+            embed_from,
+        )
         train_loss = distributed.mean_over_ranks(float(np.mean(losses)), world, device)
         row = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
-        exported = val_pooled if embed_from == "pooled" else val_head
         row.update(_validate(val_head, exported, val.labels, val_triplets, base_loss))
         row["seconds"] = round(time.perf_counter() - started, 2)
         result.history.append(row)
@@ -276,6 +271,50 @@ def fit(
     model.eval()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _embed_validation(
+    scored: EmbeddingNet,
+    scored_rest: torch.nn.Module | None,
+    val_features: list[torch.Tensor] | None,
+    val: SplitImages,
+    prep: Preprocessing,
+    precision: Precision,
+    batch_size: int,
+    embed_from: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the head's output at the first inference size, the embedding that would be exported).
+
+    With a cache, only the trainable rest runs, on each size's cached prefix outputs; without,
+    the whole backbone embeds the images. Several sizes are combined as the exported model's
+    `MultiScale` combines them: the mean of the L2-normalised embeddings.
+    """
+    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+    heads, outputs = [], []
+    for i, size in enumerate(prep.sizes):
+        if val_features is not None:
+            features = val_features[i]
+            with torch.inference_mode(), precision.autocast():
+                pooled = torch.cat(
+                    [
+                        scored_rest(
+                            _as_input(_for(features[j : j + batch_size], precision), memory_format)
+                        ).float()
+                        for j in range(0, len(features), batch_size)
+                    ]
+                )
+        else:
+            at_size = replace(prep, input_sizes=(size,))
+            embedder = Embedder(scored.backbone, at_size, precision, batch_size, normalize=False)
+            pooled = torch.from_numpy(embedder.embed_encoded(val.encoded)).to(precision.device)
+        with torch.inference_mode(), precision.autocast():
+            head = scored.head(pooled).float()
+        heads.append(head)
+        outputs.append(pooled if embed_from == "pooled" else head)
+    if len(outputs) == 1:
+        return heads[0], outputs[0]
+    normalised = [torch.nn.functional.normalize(o.float(), dim=1) for o in outputs]
+    return heads[0], torch.stack(normalised).mean(0)
 
 
 def _moving_average(model: EmbeddingNet, decay: float) -> AveragedModel | None:
@@ -337,13 +376,17 @@ def _cache_frozen_prefix(
     if parts is None:
         return None
     prefix, trainable = parts
-    with torch.inference_mode():
-        sample = prefix.eval()(
-            torch.zeros(1, 3, prep.image_size, prep.image_size, device=precision.device)
-        )
+    train_prep = replace(prep, input_sizes=())
     keep = torch.bfloat16 if precision.dtype is torch.bfloat16 else torch.float32
-    per_image = sample.numel() * (2 if keep is torch.bfloat16 else 4)
-    fitting = (CACHE_BUDGET_BYTES // per_image - len(val.encoded)) // max(len(train.encoded), 1)
+
+    def bytes_per_image(size: int) -> int:
+        with torch.inference_mode():
+            sample = prefix.eval()(torch.zeros(1, 3, size, size, device=precision.device))
+        return sample.numel() * (2 if keep is torch.bfloat16 else 4)
+
+    per_image = bytes_per_image(prep.image_size)
+    val_bytes = len(val.encoded) * sum(bytes_per_image(size) for size in prep.sizes)
+    fitting = (CACHE_BUDGET_BYTES - val_bytes) // per_image // max(len(train.encoded), 1)
     if fitting < 1:
         return None
     if views > fitting:
@@ -356,19 +399,28 @@ def _cache_frozen_prefix(
             file=sys.stderr,
         )
         views = fitting
-    extractor = Embedder(prefix, prep, precision, batch_size, normalize=False, engine=engine)
 
-    def run(split: SplitImages) -> torch.Tensor:
-        return torch.from_numpy(extractor.embed_encoded(split.encoded)).to(precision.device, keep)
+    @functools.cache
+    def extractor(size: int) -> Embedder:
+        at = train_prep if size == prep.image_size else replace(prep, input_sizes=(size,))
+        return Embedder(prefix, at, precision, batch_size, normalize=False, engine=engine)
+
+    def run(split: SplitImages, size: int) -> torch.Tensor:
+        embedded = extractor(size).embed_encoded(split.encoded)
+        return torch.from_numpy(embedded).to(precision.device, keep)
 
     def run_view(view: int) -> torch.Tensor:
-        makers = augmented_batches(train.encoded, prep, seed, view, batch_size)
-        return torch.from_numpy(extractor.embed_batches(makers)).to(precision.device, keep)
+        makers = augmented_batches(train.encoded, train_prep, seed, view, batch_size)
+        embedded = extractor(prep.image_size).embed_batches(makers)
+        return torch.from_numpy(embedded).to(precision.device, keep)
 
     train_views = (
-        torch.stack([run_view(v) for v in range(views)]) if views else run(train).unsqueeze(0)
+        torch.stack([run_view(v) for v in range(views)])
+        if views
+        else run(train, prep.image_size).unsqueeze(0)
     )
-    return trainable, train_views, run(val)
+    val_views = [run(val, size) for size in prep.sizes]
+    return trainable, train_views, val_views
 
 
 def _validate(

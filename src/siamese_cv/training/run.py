@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,7 @@ def train_and_save(
     backbone.set_pooling(params.model.pooling)  # after the pretrained weights: GeM's p is new
     model = EmbeddingNet(backbone, params.model.head, params.model.embedding_dim)
     frozen = model.freeze(parse_freeze(tp.freeze))
-    prep = preprocessing_of(params, card)
+    prep = replace(preprocessing_of(params, card), input_sizes=tuple(params.model.inference_sizes))
     steps, are_triplets = read_schedule(paths.TRIPLETS, tp.batch_size)
     val_triplets, _ = read_triplets(paths.TRIPLETS / "validation.parquet")
     precision = resolve_precision(tp.precision, device or resolve_device(tp.device))

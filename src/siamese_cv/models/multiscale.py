@@ -1,0 +1,68 @@
+"""Test-time input sizes (`model.inference_sizes`): embed each photo at sizes other than its own.
+
+Random resized crops make objects look larger in training than in a whole photo at test time;
+embedding at a larger input size restores the apparent size the network learned (Touvron et al.
+2019, "Fixing the train-test resolution discrepancy"). With several sizes the embedding is the
+mean of the L2-normalised embeddings at each, the usual multi-scale descriptor of image
+retrieval. Both wrappers resize inside the module, so the torch engine, the ONNX export and a
+search query all run the same graph on the same stored-size input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, 3, H, W] at size x size: bilinear, anti-aliased when it shrinks."""
+    if images.shape[-2:] == (size, size):
+        return images
+    shrinks = size < min(images.shape[-2:])
+    return F.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinks
+    )
+
+
+class Resized(nn.Module):
+    """`model` applied to its input resized to `size` x `size`."""
+
+    def __init__(self, model: nn.Module, size: int):
+        super().__init__()
+        self.model = model
+        self.size = size
+
+    def extra_repr(self) -> str:  # part of the ONNX export's cache key
+        return f"size={self.size}"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(resize(images, self.size))
+
+
+class MultiScale(nn.Module):
+    """The mean over `sizes` of `model`'s L2-normalised embeddings of the resized input."""
+
+    def __init__(self, model: nn.Module, sizes: Sequence[int]):
+        super().__init__()
+        self.model = model
+        self.sizes = tuple(sizes)
+
+    def extra_repr(self) -> str:  # part of the ONNX export's cache key
+        return f"sizes={self.sizes}"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        total = sum(F.normalize(self.model(resize(images, s)).float(), dim=1) for s in self.sizes)
+        return total / len(self.sizes)
+
+
+def at_sizes(model: nn.Module, sizes: Sequence[int], image_size: int) -> nn.Module:
+    """`model` as it should run on `image_size` inputs to embed at `sizes` (itself if that is all)."""
+    sizes = tuple(sizes)
+    if not sizes or sizes == (image_size,):
+        return model
+    if len(sizes) == 1:
+        return Resized(model, sizes[0])
+    return MultiScale(model, sizes)
