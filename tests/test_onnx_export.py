@@ -1,37 +1,21 @@
 """ONNX exports are cached by content: made once, never confused with another model's."""
 
 import copy
-import io
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny_inputs import noise_photos, tiny_net
 
 from siamese_cv import onnx_export
 from siamese_cv.embedding import Embedder
 from siamese_cv.hardware import resolve_precision
-from siamese_cv.models.siamese import Preprocessing, build_model
+from siamese_cv.models.siamese import Preprocessing
 
 pytest.importorskip("onnxruntime")
 
 PREP = Preprocessing(32, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 FP32 = resolve_precision("fp32", torch.device("cpu"))
-
-
-def tiny(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_model("tiny", "linear", 16)[0].eval()
-
-
-def photos(n: int = 6) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
-        out.append(buffer.getvalue())
-    return out
 
 
 @pytest.fixture
@@ -45,30 +29,32 @@ def cache(monkeypatch, tmp_path):
 
 def test_an_export_is_made_once_and_found_again_by_content(cache):
     directory, exports = cache
-    model = tiny()
-    first = Embedder(model, PREP, FP32, engine="onnxruntime").embed_encoded(photos())
-    again = Embedder(copy.deepcopy(model), PREP, FP32, engine="onnxruntime").embed_encoded(photos())
+    model = tiny_net()
+    first = Embedder(model, PREP, FP32, engine="onnxruntime").embed_encoded(noise_photos())
+    again = Embedder(copy.deepcopy(model), PREP, FP32, engine="onnxruntime").embed_encoded(
+        noise_photos()
+    )
     assert len(exports) == 1 and len(list(directory.glob("*.onnx"))) == 1
     np.testing.assert_array_equal(again, first)
-    torch_fp32 = Embedder(model, PREP, FP32).embed_encoded(photos())
+    torch_fp32 = Embedder(model, PREP, FP32).embed_encoded(noise_photos())
     np.testing.assert_allclose(first, torch_fp32, atol=1e-5)
 
     with torch.no_grad():
         model.head[0].weight[0, 0] += 1.0  # one weight changed: another model, another file
-    changed = Embedder(model, PREP, FP32, engine="onnxruntime").embed_encoded(photos())
+    changed = Embedder(model, PREP, FP32, engine="onnxruntime").embed_encoded(noise_photos())
     assert len(exports) == 2 and len(list(directory.glob("*.onnx"))) == 2
     assert not np.allclose(changed, first, atol=1e-3)
     np.testing.assert_allclose(
-        changed, Embedder(model, PREP, FP32).embed_encoded(photos()), atol=1e-5
+        changed, Embedder(model, PREP, FP32).embed_encoded(noise_photos()), atol=1e-5
     )
 
 
 def test_the_key_covers_weights_buffers_and_input_size():
-    model = tiny()
+    model = tiny_net()
     key = onnx_export.export_key(model, 32)
     assert onnx_export.export_key(copy.deepcopy(model), 32) == key
     assert onnx_export.export_key(model, 64) != key
-    assert onnx_export.export_key(tiny(seed=1), 32) != key
+    assert onnx_export.export_key(tiny_net(seed=1), 32) != key
     moved = copy.deepcopy(model)
     bn = next(m for m in moved.modules() if isinstance(m, torch.nn.BatchNorm2d))
     bn.running_mean += 0.5  # a buffer, not a parameter
@@ -78,7 +64,7 @@ def test_the_key_covers_weights_buffers_and_input_size():
 def test_only_the_most_recently_used_exports_are_kept(cache, monkeypatch):
     directory, _ = cache
     monkeypatch.setattr(onnx_export, "KEEP", 2)
-    models = [tiny(seed) for seed in range(3)]
+    models = [tiny_net(seed) for seed in range(3)]
     for model in models:
         with onnx_export.exported(model, 32):
             pass
@@ -91,9 +77,11 @@ def test_a_cache_that_cannot_be_written_still_exports(cache, monkeypatch, tmp_pa
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the cache directory would go")
     monkeypatch.setenv(onnx_export.CACHE_ENV, str(blocker))
-    model = tiny()
-    out = Embedder(model, PREP, FP32, engine="onnxruntime").embed_encoded(photos())
-    np.testing.assert_allclose(out, Embedder(model, PREP, FP32).embed_encoded(photos()), atol=1e-5)
+    model = tiny_net()
+    out = Embedder(model, PREP, FP32, engine="onnxruntime").embed_encoded(noise_photos())
+    np.testing.assert_allclose(
+        out, Embedder(model, PREP, FP32).embed_encoded(noise_photos()), atol=1e-5
+    )
     Embedder(model, PREP, FP32, engine="onnxruntime")
     assert len(exports) == 2 and blocker.read_text().startswith("a file")
 
@@ -108,9 +96,11 @@ def test_without_a_home_directory_nothing_is_cached_but_the_engine_runs(cache, m
 
     monkeypatch.setattr(onnx_export.Path, "home", staticmethod(no_home))
     assert onnx_export.cache_dir() is None
-    model = tiny()
-    out = Embedder(model, PREP, FP32, engine="onnxruntime").embed_encoded(photos())
-    np.testing.assert_allclose(out, Embedder(model, PREP, FP32).embed_encoded(photos()), atol=1e-5)
+    model = tiny_net()
+    out = Embedder(model, PREP, FP32, engine="onnxruntime").embed_encoded(noise_photos())
+    np.testing.assert_allclose(
+        out, Embedder(model, PREP, FP32).embed_encoded(noise_photos()), atol=1e-5
+    )
     Embedder(model, PREP, FP32, engine="onnxruntime")
     assert len(exports) == 2  # exported each time: there is nowhere to keep it
 

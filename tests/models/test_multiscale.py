@@ -1,36 +1,20 @@
 """Test-time input sizes: the wrappers resize inside the module, and the embedder uses them."""
 
-import io
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tiny_inputs import noise_photos, tiny_net
 from torch.nn import functional as F
 
 from siamese_cv.embedding import Embedder
 from siamese_cv.hardware import resolve_precision
 from siamese_cv.models.multiscale import MultiScale, Resized, at_sizes, resize
-from siamese_cv.models.siamese import Preprocessing, build_model
+from siamese_cv.models.siamese import Preprocessing
 
 PREP = Preprocessing(32, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 FP32 = resolve_precision("fp32", torch.device("cpu"))
-
-
-def tiny():
-    torch.manual_seed(0)
-    return build_model("tiny", "linear", 16)[0].eval()
-
-
-def photos(n: int = 6) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
-        out.append(buffer.getvalue())
-    return out
 
 
 def test_resize_keeps_a_batch_at_its_size_and_interpolates_otherwise():
@@ -48,7 +32,7 @@ def test_resize_keeps_a_batch_at_its_size_and_interpolates_otherwise():
 
 
 def test_multi_scale_is_the_mean_of_each_sizes_normalised_embedding():
-    model, x = tiny(), torch.randn(4, 3, 32, 32)
+    model, x = tiny_net(), torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         got = MultiScale(model, (32, 48, 24))(x)
         want = [F.normalize(model(resize(x, s)), dim=1) for s in (32, 48, 24)]
@@ -58,7 +42,7 @@ def test_multi_scale_is_the_mean_of_each_sizes_normalised_embedding():
 
 
 def test_at_sizes_wraps_only_when_the_input_size_changes():
-    model = tiny()
+    model = tiny_net()
     assert at_sizes(model, (), 32) is model and at_sizes(model, (32,), 32) is model
     assert isinstance(at_sizes(model, (48,), 32), Resized)
     wrapped = at_sizes(model, (32, 48), 32)
@@ -66,7 +50,7 @@ def test_at_sizes_wraps_only_when_the_input_size_changes():
 
 
 def test_the_embedder_embeds_stored_photos_at_the_inference_sizes():
-    model, encoded = tiny(), photos()
+    model, encoded = tiny_net(), noise_photos()
     at_32 = Embedder(model, PREP, FP32).embed_encoded(encoded)
     at_48 = Embedder(model, replace(PREP, input_sizes=(48,)), FP32).embed_encoded(encoded)
     both = Embedder(model, replace(PREP, input_sizes=(32, 48)), FP32).embed_encoded(encoded)
@@ -81,7 +65,7 @@ def test_onnxruntime_runs_the_same_resizing_graph_as_torch(monkeypatch, tmp_path
     from siamese_cv import onnx_export
 
     monkeypatch.setenv(onnx_export.CACHE_ENV, str(tmp_path))
-    model, encoded = tiny(), photos()
+    model, encoded = tiny_net(), noise_photos()
     for sizes in [(48,), (32, 48), (24, 40)]:
         prep = replace(PREP, input_sizes=sizes)
         ort = Embedder(model, prep, FP32, engine="onnxruntime").embed_encoded(encoded)

@@ -78,17 +78,30 @@ def run(
     )
 
 
-def untrained_map_at_r() -> float:
+def val_map_at_r(model: torch.nn.Module, prep: Preprocessing = PREP) -> float:
+    """MAP@R of the validation split as the shared embedder embeds it with `model`."""
     from siamese_cv.embedding import Embedder
     from siamese_cv.evaluation.metrics import retrieval_metrics
 
-    torch.manual_seed(0)
-    model, _ = build_model("tiny", "linear", 16)
     val = split(4, 1)
-    emb = Embedder(model, PREP, resolve_precision("fp32", torch.device("cpu"))).embed_encoded(
-        val.encoded
+    embedder = Embedder(model, prep, resolve_precision("fp32", torch.device("cpu")))
+    embeddings = embedder.embed_encoded(val.encoded)
+    return retrieval_metrics(embeddings, val.labels, recall_at=(1,))["map_at_r"]
+
+
+def untrained_map_at_r() -> float:
+    torch.manual_seed(0)
+    return val_map_at_r(build_model("tiny", "linear", 16)[0])
+
+
+def assert_same_training_other_scores(result, reference) -> None:
+    """The same steps and head-side validation loss as `reference`, other retrieval metrics."""
+    for a, b in zip(result.history, reference.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert [h["val_map_at_r"] for h in result.history] != pytest.approx(
+        [h["val_map_at_r"] for h in reference.history], abs=1e-4
     )
-    return retrieval_metrics(emb, val.labels, recall_at=(1,))["map_at_r"]
 
 
 def test_training_learns_colours_and_keeps_the_best_epoch():
@@ -204,53 +217,27 @@ def test_a_moving_average_of_the_weights_is_what_gets_validated_and_kept(freeze)
 
 @pytest.mark.parametrize("freeze", [None, 1], ids=["images", "cached-prefix"])
 def test_embedding_from_the_pooled_features_validates_and_keeps_them(freeze):
-    from siamese_cv.embedding import Embedder
-    from siamese_cv.evaluation.metrics import retrieval_metrics
-
     params = TrainParams(epochs=4, lr=3e-3, workers=0, ema=0.8)
     head = run(params, freeze=freeze)
     trained = []
     pooled = run(params, freeze=freeze, embed_from="pooled", trained=trained)
-    # the same steps, and the same head-side validation loss ...
-    for a, b in zip(pooled.history, head.history, strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
-    # ... but the retrieval metrics are the pooled features' ...
-    assert [h["val_map_at_r"] for h in pooled.history] != pytest.approx(
-        [h["val_map_at_r"] for h in head.history], abs=1e-4
-    )
-    # ... those of the weights it kept
-    val = split(4, 1)
-    features = Embedder(
-        trained[0].backbone, PREP, resolve_precision("fp32", torch.device("cpu"))
-    ).embed_encoded(val.encoded)
-    assert features.shape[1] == trained[0].feature_dim != trained[0].embedding_dim
-    metrics = retrieval_metrics(features, val.labels, recall_at=(1,))
-    assert metrics["map_at_r"] == pytest.approx(pooled.best["val_map_at_r"], abs=1e-6)
+    # the same steps and head-side validation loss, but the pooled features' retrieval metrics:
+    # those of the weights it kept
+    assert_same_training_other_scores(pooled, head)
+    assert trained[0].feature_dim != trained[0].embedding_dim
+    assert val_map_at_r(trained[0].backbone) == pytest.approx(pooled.best["val_map_at_r"], abs=1e-6)
     assert pooled.best["val_map_at_r"] > untrained_map_at_r() + 0.15
 
 
 @pytest.mark.parametrize("freeze", [None, 1], ids=["images", "cached-prefix"])
 def test_validation_embeds_at_the_inference_sizes_as_the_exported_model_will(freeze):
-    from siamese_cv.embedding import Embedder
-    from siamese_cv.evaluation.metrics import retrieval_metrics
-
     params = TrainParams(epochs=2, lr=1e-3, workers=0)
     multi = replace(PREP, input_sizes=(32, 48))
     trained = []
     at_sizes = run(params, freeze=freeze, prep=multi, trained=trained)
-    single = run(params, freeze=freeze)
-    # training runs at the stored size, and the loss is the first size's: both unchanged ...
-    for a, b in zip(at_sizes.history, single.history, strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
-    # ... while the retrieval metrics are those of the two sizes' mean embedding ...
-    assert [h["val_map_at_r"] for h in at_sizes.history] != pytest.approx(
-        [h["val_map_at_r"] for h in single.history], abs=1e-4
-    )
-    # ... exactly as the embedder computes it from the weights that were kept
-    val = split(4, 1)
-    emb = Embedder(trained[0], multi, resolve_precision("fp32", torch.device("cpu")))
-    metrics = retrieval_metrics(emb.embed_encoded(val.encoded), val.labels, recall_at=(1,))
-    assert metrics["map_at_r"] == pytest.approx(at_sizes.best["val_map_at_r"], abs=1e-6)
+    # training runs at the stored size, and the loss is the first size's: both unchanged, while
+    # the retrieval metrics are the two sizes' mean embedding's, as the embedder computes it
+    # from the weights that were kept
+    assert_same_training_other_scores(at_sizes, run(params, freeze=freeze))
+    assert val_map_at_r(trained[0], multi) == pytest.approx(at_sizes.best["val_map_at_r"], abs=1e-6)
     assert at_sizes.best["val_map_at_r"] > untrained_map_at_r() + 0.15
