@@ -61,6 +61,18 @@ def test_the_key_covers_weights_buffers_and_input_size():
     assert onnx_export.export_key(moved, 32) != key
 
 
+def test_the_key_covers_the_helpers_of_this_packages_modules():
+    from siamese_cv.models.multiscale import MultiScale
+
+    # a helper that MultiScale.forward calls is part of what the key hashes ...
+    assert "def resize(" in onnx_export.source_of(MultiScale)
+    # ... while a library's class contributes its forward (its version is in the key)
+    conv = onnx_export.source_of(torch.nn.Conv2d)
+    assert conv.lstrip().startswith("def forward(") and "class Conv2d" not in conv
+    key = onnx_export.export_key(MultiScale(tiny_net(), (32, 48)), 32)
+    assert key != onnx_export.export_key(MultiScale(tiny_net(), (32, 40)), 32)
+
+
 def test_only_the_most_recently_used_exports_are_kept(cache, monkeypatch):
     directory, _ = cache
     monkeypatch.setattr(onnx_export, "KEEP", 2)

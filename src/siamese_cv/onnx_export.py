@@ -3,7 +3,7 @@
 `torch.onnx.export` takes 11-14 s for Lite2 on two cores, and every stage that runs the
 onnxruntime engine, and every `siamese-search --engine onnxruntime` query, would pay it again.
 The file is named by a hash of everything the export depends on: the module tree, the source of
-each module class's `forward`, every parameter and buffer, the input size and the versions of
+each module class (`source_of`), every parameter and buffer, the input size and the versions of
 torch, timm, onnx and onnxscript; a changed model never meets a stale file. ONNX files are
 protobuf, not pickles. The directory is `$SIAMESE_CV_CACHE/onnx` (default
 `~/.cache/siamese-cv/onnx`), holds the `KEEP` most recently used exports, and is optional: where
@@ -18,6 +18,7 @@ import importlib.metadata
 import inspect
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -52,15 +53,27 @@ def export_key(model: nn.Module, image_size: int) -> str:
     versions = [_version(name) for name in ("torch", "timm", "onnx", "onnxscript")]
     digest.update(f"{versions} {image_size} {repr(model)}".encode())
     for cls in sorted({type(m) for m in model.modules()}, key=lambda c: c.__qualname__):
-        try:
-            digest.update(inspect.getsource(cls.forward).encode())
-        except (OSError, TypeError):  # source unavailable: the versions above stand in for it
-            digest.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        digest.update(source_of(cls).encode())
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+def source_of(cls: type) -> str:
+    """The code a module class's exported graph depends on.
+
+    For this package's classes, their whole source file, so that a helper their `forward`
+    calls (a resize, a pooling formula) is covered too; for a library's classes, `forward`
+    (the library's version is in the key beside it).
+    """
+    try:
+        if cls.__module__.startswith("siamese_cv."):
+            return inspect.getsource(sys.modules[cls.__module__])
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # source unavailable: the versions stand in for it
+        return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @contextlib.contextmanager
