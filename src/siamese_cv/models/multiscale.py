@@ -54,8 +54,13 @@ class MultiScale(nn.Module):
         return f"sizes={self.sizes}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        total = sum(F.normalize(self.model(resize(images, s)).float(), dim=1) for s in self.sizes)
-        return total / len(self.sizes)
+        return mean_of_normalised([self.model(resize(images, s)) for s in self.sizes])
+
+
+def mean_of_normalised(embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of [B, D] embeddings, each L2-normalised first (in float32)."""
+    total = sum(F.normalize(e.float(), dim=1) for e in embeddings)
+    return total / len(embeddings)
 
 
 def at_sizes(model: nn.Module, sizes: Sequence[int], image_size: int) -> nn.Module:

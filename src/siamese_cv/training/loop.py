@@ -32,6 +32,7 @@ from siamese_cv.evaluation.metrics import (
     triplet_accuracy,
 )
 from siamese_cv.hardware import Precision
+from siamese_cv.models.multiscale import mean_of_normalised
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
 from siamese_cv.params import TrainParams
 from siamese_cv.training import distributed
@@ -311,10 +312,7 @@ def _embed_validation(
             head = scored.head(pooled).float()
         heads.append(head)
         outputs.append(pooled if embed_from == "pooled" else head)
-    if len(outputs) == 1:
-        return heads[0], outputs[0]
-    normalised = [torch.nn.functional.normalize(o.float(), dim=1) for o in outputs]
-    return heads[0], torch.stack(normalised).mean(0)
+    return heads[0], outputs[0] if len(outputs) == 1 else mean_of_normalised(outputs)
 
 
 def _moving_average(model: EmbeddingNet, decay: float) -> AveragedModel | None:
