@@ -218,8 +218,7 @@ def expected_triplet_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> flo
         positive = same.clone()
         positive[torch.arange(stop - start), rows] = False
         weight = torch.where(same, 0.0, neg_weight[None, :])
-        order = sims.argsort(dim=1, stable=True)
-        sorted_sims = sims.gather(1, order)
+        sorted_sims, order = sims.sort(dim=1, stable=True)
         below = torch.cat(
             [torch.zeros(stop - start, 1, dtype=torch.float64), weight.gather(1, order).cumsum(1)],
             dim=1,
