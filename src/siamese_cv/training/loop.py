@@ -377,6 +377,7 @@ def _cache_frozen_prefix(
     train_prep = replace(prep, input_sizes=())
     keep = torch.bfloat16 if precision.dtype is torch.bfloat16 else torch.float32
 
+    @functools.cache  # the stored size is usually also an inference size
     def bytes_per_image(size: int) -> int:
         with torch.inference_mode():
             sample = prefix.eval()(torch.zeros(1, 3, size, size, device=precision.device))
