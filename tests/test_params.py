@@ -80,6 +80,7 @@ def test_defaults_fill_missing_sections(tmp_path):
         ),
         ({"model": {"inference_sizes": 340}}, "model.inference_sizes: expected a list"),
         ({"model": {"inference_sizes": [340, 340]}}, "model.inference_sizes: [340, 340] lists"),
+        ({"train": {"proxy_alpha": 0}}, "train.proxy_alpha: 0.0 must be > 0.0"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, message):

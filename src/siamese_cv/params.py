@@ -129,6 +129,11 @@ class TrainParams:
     )
     miner: str = _opt("none", choices=("none", "semihard", "batch_hard", "multi_similarity"))
     margin: float = _opt(1.0, ge=0.0)
+    proxy_alpha: float = _opt(
+        32.0,
+        gt=0.0,
+        doc="proxy_anchor: the scale of its log-sum-exp (the paper's 32); lower pulls each class tighter",
+    )
     proxy_lr: float = _opt(
         0.0, ge=0.0, doc="proxy losses: learning rate of the class proxies; 0 uses 100 x train.lr"
     )

@@ -42,3 +42,30 @@ def test_every_loss_trains_and_miners_mine():
     for miner in ("semihard", "batch_hard", "multi_similarity"):
         mined = build_miner(miner, 0.2, "triplet_cosine")(emb.detach(), labels)
         assert len(mined) in (3, 4)
+
+
+def test_proxy_anchor_uses_its_alpha():
+    """Kim et al. 2020, eq. 4, by hand: the scale reaches the loss, not only its attribute."""
+    torch.manual_seed(0)
+    emb, labels = torch.randn(12, 6), torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 0, 1])
+    margin, alpha = 0.1, 16.0
+    loss = build_loss("proxy_anchor", margin, num_classes=4, dim=6, proxy_alpha=alpha)
+    sim = (
+        torch.nn.functional.normalize(emb, dim=1)
+        @ torch.nn.functional.normalize(loss.loss.proxies, dim=1).T
+    )
+    positive = torch.nn.functional.one_hot(labels, 4).bool()
+    pos_terms = [
+        torch.log1p(torch.exp(-alpha * (sim[positive[:, c], c] - margin)).sum())
+        for c in range(4)
+        if positive[:, c].any()
+    ]
+    neg_terms = [
+        torch.log1p(torch.exp(alpha * (sim[~positive[:, c], c] + margin)).sum()) for c in range(4)
+    ]
+    expected = sum(pos_terms) / len(pos_terms) + sum(neg_terms) / 4
+    got = loss(emb, labels).item()
+    assert abs(got - expected.item()) < 1e-4
+    default = build_loss("proxy_anchor", margin, num_classes=4, dim=6)
+    default.loss.proxies.data.copy_(loss.loss.proxies.data)
+    assert abs(default(emb, labels).item() - got) > 0.1

@@ -156,7 +156,9 @@ def fit(
     """
     device = precision.device
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
-    base_loss = build_loss(params.loss, params.margin, num_classes, model.embedding_dim).to(device)
+    base_loss = build_loss(
+        params.loss, params.margin, num_classes, model.embedding_dim, params.proxy_alpha
+    ).to(device)
     loss_fn, miner = base_loss, build_miner(params.miner, params.margin, params.loss)
     cross = world.distributed and params.cross_rank_negatives
     if cross and schedule.triplets:

@@ -16,7 +16,7 @@ from torch import nn
 from siamese_cv.errors import UserError
 from siamese_cv.params import PROXY_LOSSES
 
-_LOSSES: dict[str, Callable[[float, int, int], nn.Module]] = {}
+_LOSSES: dict[str, Callable[..., nn.Module]] = {}
 _MINERS: dict[str, Callable[[float, str], nn.Module]] = {}
 
 
@@ -52,9 +52,11 @@ def _multi_similarity(margin: float, num_classes: int, dim: int) -> nn.Module:
 
 
 @_register(_LOSSES, "proxy_anchor")
-def _proxy_anchor(margin: float, num_classes: int, dim: int) -> nn.Module:
-    """Proxy-Anchor (Kim et al. 2020): each class's proxy pulls its samples, margin and alpha 32."""
-    return _ProxyLoss(losses.ProxyAnchorLoss(num_classes, dim, margin=margin, alpha=32))
+def _proxy_anchor(margin: float, num_classes: int, dim: int, alpha: float = 32.0) -> nn.Module:
+    """Proxy-Anchor (Kim et al. 2020): each class's proxy pulls its samples; alpha scales the
+    similarities inside the log-sum-exp (the paper's 32): the lower, the further the loss keeps
+    pulling positives that are already past the margin."""
+    return _ProxyLoss(losses.ProxyAnchorLoss(num_classes, dim, margin=margin, alpha=alpha))
 
 
 @_register(_LOSSES, "normalized_softmax")
@@ -105,13 +107,17 @@ def list_miners() -> list[str]:
     return ["none", *sorted(_MINERS)]
 
 
-def build_loss(name: str, margin: float, num_classes: int = 0, dim: int = 0) -> nn.Module:
-    """The loss `name`; proxy losses need the number of classes and the embedding size."""
+def build_loss(
+    name: str, margin: float, num_classes: int = 0, dim: int = 0, proxy_alpha: float = 32.0
+) -> nn.Module:
+    """The loss `name`; proxy losses need the number of classes and the embedding size, and
+    `proxy_alpha` is Proxy-Anchor's scale (the other losses have none)."""
     if name not in _LOSSES:
         raise UserError(f"train.loss: {name!r} is not one of {', '.join(list_losses())}")
     if name in PROXY_LOSSES and (num_classes < 1 or dim < 1):
         raise ValueError(f"{name} needs num_classes and dim")
-    return _LOSSES[name](margin, num_classes, dim)
+    options = {"alpha": proxy_alpha} if name == "proxy_anchor" else {}
+    return _LOSSES[name](margin, num_classes, dim, **options)
 
 
 def build_miner(name: str, margin: float, loss_name: str) -> nn.Module | None:
