@@ -9,6 +9,7 @@ they ignore the tuple and add their own parameters, which the optimizer must tra
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pytorch_metric_learning import distances, losses, miners, reducers
 from torch import nn
@@ -16,7 +17,18 @@ from torch import nn
 from siamese_cv.errors import UserError
 from siamese_cv.params import PROXY_LOSSES
 
-_LOSSES: dict[str, Callable[..., nn.Module]] = {}
+
+@dataclass(frozen=True)
+class _LossSettings:
+    """What a loss may be built from; each factory reads the fields its loss has."""
+
+    margin: float
+    num_classes: int
+    dim: int
+    proxy_alpha: float
+
+
+_LOSSES: dict[str, Callable[[_LossSettings], nn.Module]] = {}
 _MINERS: dict[str, Callable[[float, str], nn.Module]] = {}
 
 
@@ -31,38 +43,40 @@ def _register(table: dict, name: str):
 
 
 @_register(_LOSSES, "triplet_l2sq")
-def _triplet_l2sq(margin: float, num_classes: int, dim: int) -> nn.Module:
+def _triplet_l2sq(s: _LossSettings) -> nn.Module:
     """The original: mean(relu(||a-p||^2 - ||a-n||^2 + margin)) on un-normalised embeddings."""
     return losses.TripletMarginLoss(
-        margin=margin,
+        margin=s.margin,
         distance=distances.LpDistance(normalize_embeddings=False, p=2, power=2),
         reducer=reducers.MeanReducer(),
     )
 
 
 @_register(_LOSSES, "triplet_cosine")
-def _triplet_cosine(margin: float, num_classes: int, dim: int) -> nn.Module:
+def _triplet_cosine(s: _LossSettings) -> nn.Module:
     """Triplet margin on cosine similarity of L2-normalised embeddings: the metric search uses."""
-    return losses.TripletMarginLoss(margin=margin, distance=distances.CosineSimilarity())
+    return losses.TripletMarginLoss(margin=s.margin, distance=distances.CosineSimilarity())
 
 
 @_register(_LOSSES, "multi_similarity")
-def _multi_similarity(margin: float, num_classes: int, dim: int) -> nn.Module:
+def _multi_similarity(s: _LossSettings) -> nn.Module:
     return losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)
 
 
 @_register(_LOSSES, "proxy_anchor")
-def _proxy_anchor(margin: float, num_classes: int, dim: int, alpha: float = 32.0) -> nn.Module:
+def _proxy_anchor(s: _LossSettings) -> nn.Module:
     """Proxy-Anchor (Kim et al. 2020): each class's proxy pulls its samples; alpha scales the
     similarities inside the log-sum-exp (the paper's 32): the lower, the further the loss keeps
     pulling positives that are already past the margin."""
-    return _ProxyLoss(losses.ProxyAnchorLoss(num_classes, dim, margin=margin, alpha=alpha))
+    return _ProxyLoss(
+        losses.ProxyAnchorLoss(s.num_classes, s.dim, margin=s.margin, alpha=s.proxy_alpha)
+    )
 
 
 @_register(_LOSSES, "normalized_softmax")
-def _normalized_softmax(margin: float, num_classes: int, dim: int) -> nn.Module:
+def _normalized_softmax(s: _LossSettings) -> nn.Module:
     """Cosine softmax over class proxies at temperature 0.05 (Zhai & Wu 2019); no margin."""
-    return _ProxyLoss(losses.NormalizedSoftmaxLoss(num_classes, dim, temperature=0.05))
+    return _ProxyLoss(losses.NormalizedSoftmaxLoss(s.num_classes, s.dim, temperature=0.05))
 
 
 class _ProxyLoss(nn.Module):
@@ -116,8 +130,7 @@ def build_loss(
         raise UserError(f"train.loss: {name!r} is not one of {', '.join(list_losses())}")
     if name in PROXY_LOSSES and (num_classes < 1 or dim < 1):
         raise ValueError(f"{name} needs num_classes and dim")
-    options = {"alpha": proxy_alpha} if name == "proxy_anchor" else {}
-    return _LOSSES[name](margin, num_classes, dim, **options)
+    return _LOSSES[name](_LossSettings(margin, num_classes, dim, proxy_alpha))
 
 
 def build_miner(name: str, margin: float, loss_name: str) -> nn.Module | None:
