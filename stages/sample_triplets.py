@@ -1,5 +1,7 @@
 """Stage `sample_triplets`: seeded training steps for every epoch, fixed validation and test triplets.
 
+Each of the `train.members` networks of an ensemble gets its own `train.epochs` epochs of steps.
+
 Because the test triplets are drawn here once, from `triplets.seed` alone, every run and every
 experiment is scored on the same triplets.
 """
@@ -16,7 +18,7 @@ from siamese_cv.stage import run_stage, stage_params
 def main(argv: Sequence[str] | None = None) -> int:
     params = stage_params(argv, __doc__)
     summary = write_triplet_tables(
-        paths.PROCESSED, paths.TRIPLETS, params.triplets, params.train.epochs
+        paths.PROCESSED, paths.TRIPLETS, params.triplets, params.train.epochs * params.train.members
     )
     print("sample_triplets: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0

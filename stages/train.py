@@ -22,8 +22,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     best = config["best"]
+    members = config.get("members", [config])
+    kept = ", ".join(f"{m['best_epoch']}/{params.train.epochs}" for m in members)
     print(
-        f"train: best epoch {config['best_epoch']}/{params.train.epochs}: val triplet accuracy "
+        f"train: best epoch {kept}: val triplet accuracy "
         f"{best['val_triplet_accuracy']:.4f}, val MAP@R {best['val_map_at_r']:.4f} "
         f"({config['train_seconds']:.0f} s, {config['precision']}, cached features: "
         f"{config['cached_features']}) -> {paths.MODEL}/model.safetensors"

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from siamese_cv.errors import ParamsError, run_cli
-from siamese_cv.params import Params, load_params, parse_freeze
+from siamese_cv.params import Params, load_params, member_sizes, parse_freeze
 from siamese_cv.params_cli import main as params_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,12 +81,37 @@ def test_defaults_fill_missing_sections(tmp_path):
         ({"model": {"inference_sizes": 340}}, "model.inference_sizes: expected a list"),
         ({"model": {"inference_sizes": [340, 340]}}, "model.inference_sizes: [340, 340] lists"),
         ({"train": {"proxy_alpha": 0}}, "train.proxy_alpha: 0.0 must be > 0.0"),
+        (
+            {"model": {"inference_sizes": [[244], [372]]}},
+            "model.inference_sizes: 2 lists of sizes for train.members: 1",
+        ),
+        (
+            {"model": {"inference_sizes": [[244], 372]}, "train": {"members": 2}},
+            "model.inference_sizes: [[244], 372] mixes sizes and lists",
+        ),
+        (
+            {"model": {"inference_sizes": [[244], [372, 372]]}, "train": {"members": 2}},
+            "model.inference_sizes: [372, 372] lists a size twice",
+        ),
+        ({"train": {"members": 0}}, "train.members: 0 must be >= 1"),
+        (
+            {"train": {"epochs": 8, "schedule_epochs": 6}},
+            "train.schedule_epochs: 6 is shorter than train.epochs: 8",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, data, message):
     with pytest.raises(ParamsError) as error:
         load_params(write(tmp_path, data))
     assert message in str(error.value)
+
+
+def test_each_member_gets_its_own_sizes_or_the_shared_ones(tmp_path):
+    shared = {"model": {"inference_sizes": [244, 372]}, "train": {"members": 3}}
+    assert member_sizes(load_params(write(tmp_path, shared))) == [(244, 372)] * 3
+    own = {"model": {"inference_sizes": [[244], [372, 404]]}, "train": {"members": 2}}
+    assert member_sizes(load_params(write(tmp_path, own))) == [(244,), (372, 404)]
+    assert member_sizes(Params()) == [()]
 
 
 def test_engine_defaults_to_torch_and_accepts_onnxruntime(tmp_path):

@@ -191,6 +191,74 @@ def test_inference_sizes_reach_the_gallery_and_a_search_query(project):
     assert hits[0]["id"] == first_id and hits[0]["score"] > 0.99
 
 
+def test_an_ensemble_trains_each_member_and_embeds_with_their_mean(project):
+    import numpy as np
+    import torch
+
+    from siamese_cv.embedding import Embedder
+    from siamese_cv.hardware import resolve_precision
+    from siamese_cv.models.multiscale import Ensemble
+    from siamese_cv.models.siamese import Preprocessing, load_checkpoint
+    from siamese_cv.params import load_params
+    from siamese_cv.training.loop import validation_scores
+
+    settings = ("train.members=2", "model.inference_sizes=[[64], [96]]")
+    run(project, "siamese-params", "apply", *[a for s in settings for a in ("--set", s)])
+    out = run(project, "dvc", "repro").stdout
+    assert ran(out) == {
+        "sample_triplets", "train", "export_gallery", "index_gallery", "evaluate"
+    }, out  # fmt: skip
+    params = load_params(project / "params.yaml")
+    epochs = pq.read_table(project / "data/triplets/train.parquet").column("epoch").to_numpy()
+    assert set(epochs) == set(range(2 * params.train.epochs))  # each member its own steps
+    config = json.loads((project / "models/config.json").read_text())
+    members = config["members"]
+    assert [m["seed"] for m in members] == [params.train.seed, params.train.seed + 1]
+    assert [m["input_sizes"] for m in members] == [[64], [96]]
+    assert all(len(m["history"]) == params.train.epochs for m in members)
+    assert config["preprocessing"]["input_sizes"] == []  # the ensemble resizes inside itself
+    model, _ = load_checkpoint(project / "models")
+    assert isinstance(model, Ensemble)
+    first, second = model.members
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True)
+    )
+    # the gallery is the mean of member 1 at 64 px and member 2 at 96 px
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    export = load_params(project / "params.yaml").export
+    precision = resolve_precision(export.precision, torch.device("cpu"))
+
+    def embed(net, split, sizes=()):
+        photos = pq.read_table(project / f"data/processed/{split}.parquet")
+        at = replace(prep, input_sizes=sizes)
+        embedder = Embedder(net, at, precision, export.batch_size)
+        return embedder.embed_encoded(photos.column("image").to_pylist())
+
+    one, two = embed(first, "train", (64,)), embed(second, "train", (96,))
+    gallery = pq.read_table(project / "data/gallery/embeddings.parquet").column("vector")
+    gallery = np.array(gallery.to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(
+        gallery, (one + two) / np.linalg.norm(one + two, axis=1)[:, None], atol=1e-5
+    )
+    assert np.abs(one - two).max() > 1e-3
+    # the ensemble's validation scores are the saved ensemble's, and DVCLive has every member
+    val = pq.read_table(project / "data/processed/validation.parquet").column("label").to_numpy()
+    triplets = pq.read_table(project / "data/triplets/validation.parquet")
+    triplets = np.stack(
+        [triplets.column(c).to_numpy() for c in ("anchor", "positive", "negative")], 1
+    )
+    scores = validation_scores(torch.from_numpy(embed(model, "validation")), val, triplets)
+    for key, value in scores.items():
+        assert config["best"][key] == pytest.approx(value, abs=1e-5), key
+    logged = json.loads((project / "metrics/train/metrics.json").read_text())
+    assert logged["val_map_at_r"] == pytest.approx(config["best"]["val_map_at_r"])
+    assert set(logged["member1"]) == set(logged["member2"]) >= {"val_map_at_r", "train_loss"}
+    first_id, photo = gallery_photo(project, 4)
+    hits = search(project, photo)
+    assert hits[0]["id"] == first_id and hits[0]["score"] > 0.99
+
+
 def test_forced_reruns_give_identical_metrics(project):
     run(project, "dvc", "repro", "--force", "-s", "train")
     run(project, "dvc", "repro")

@@ -103,7 +103,8 @@ class ModelParams:
     inference_sizes: list = _opt(
         [],
         doc="input sizes (px) the trained network embeds at; several: the mean of their "
-        "L2-normalised embeddings; [] = preprocess.image_size",
+        "L2-normalised embeddings; [] = preprocess.image_size; with train.members > 1, "
+        "one list per member ([[244], [372]]) gives each member its own sizes",
     )
 
 
@@ -116,6 +117,12 @@ class TrainParams:
     backbone_lr: float = _opt(0.0, ge=0.0, doc="0 uses train.lr")
     weight_decay: float = _opt(0.0, ge=0.0)
     scheduler: str = _opt("none", choices=("none", "cosine"))
+    schedule_epochs: int = _opt(
+        0,
+        ge=0,
+        doc="epochs the cosine decay spans; 0 = train.epochs; more stops training before the "
+        "learning rate reaches zero",
+    )
     warmup_epochs: float = _opt(0.0, ge=0.0)
     loss: str = _opt(
         "triplet_l2sq",
@@ -146,6 +153,13 @@ class TrainParams:
         4,
         ge=0,
         doc="with augment and frozen leading stages: precompute this many augmented views of each image through them (0: augment on the fly)",
+    )
+    members: int = _opt(
+        1,
+        ge=1,
+        le=16,
+        doc="> 1: train that many networks (seeds train.seed, +1, ...; each its own epochs of "
+        "triplets) and embed with the mean of their L2-normalised embeddings (a deep ensemble)",
     )
     ema: float = _opt(
         0.0,
@@ -322,19 +336,19 @@ def _check_cross(params: Params) -> None:
     for k in params.evaluate.recall_at:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ParamsError(f"evaluate.recall_at: {k!r} must be a positive integer")
-    sizes = params.model.inference_sizes
-    for size in sizes:
-        if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 2048:
-            raise ParamsError(
-                f"model.inference_sizes: {size!r} must be a whole number of pixels, 16 to 2048"
-            )
-    if len(set(sizes)) != len(sizes):
-        raise ParamsError(f"model.inference_sizes: {sizes} lists a size twice")
+    member_sizes(params)
     device = params.train.device
     if device not in ("auto", "cpu", "cuda") and not (
         device.startswith("cuda:") and device[5:].isdigit()
     ):
         raise ParamsError(f"train.device: {device!r} is not one of auto, cpu, cuda, cuda:N")
+    schedule = params.train.schedule_epochs
+    if schedule and schedule < params.train.epochs:
+        raise ParamsError(
+            f"train.schedule_epochs: {schedule} is shorter than train.epochs: "
+            f"{params.train.epochs}, whose last epochs would train at a zero learning rate; "
+            "set it to 0 or at least train.epochs"
+        )
     if params.train.miner != "none" and params.triplets.sampler != "pk":
         raise ParamsError(
             f"train.miner: {params.train.miner!r} mines inside class-balanced batches; set triplets.sampler: pk"
@@ -391,6 +405,39 @@ def _check_distributed(params: Params) -> None:
             f"one class per process, so no negatives; raise it to {2 * world} or "
             "more, or set train.cross_rank_negatives: true"
         )
+
+
+def member_sizes(params: Params) -> list[tuple[int, ...]]:
+    """Each of the `train.members` networks' inference sizes (empty: the stored size).
+
+    `model.inference_sizes` is either one list for every member or a list of lists, one per member.
+
+    Raises:
+        ParamsError: a size that is not a pixel count, a repeat, or lists for another number of
+            members.
+    """
+    sizes, members = params.model.inference_sizes, params.train.members
+    nested = [isinstance(s, list) for s in sizes]
+    if any(nested) and not all(nested):
+        raise ParamsError(
+            f"model.inference_sizes: {sizes} mixes sizes and lists; give one list of sizes, "
+            "or one list per member"
+        )
+    per_member = sizes if sizes and all(nested) else [sizes] * members
+    if len(per_member) != members:
+        raise ParamsError(
+            f"model.inference_sizes: {len(per_member)} lists of sizes for train.members: "
+            f"{members}; give one list per member, or one flat list for all"
+        )
+    for own in per_member:
+        for size in own:
+            if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 2048:
+                raise ParamsError(
+                    f"model.inference_sizes: {size!r} must be a whole number of pixels, 16 to 2048"
+                )
+        if len(set(own)) != len(own):
+            raise ParamsError(f"model.inference_sizes: {own} lists a size twice")
+    return [tuple(own) for own in per_member]
 
 
 def parse_freeze(value: str | int) -> int | None:

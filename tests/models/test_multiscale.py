@@ -1,4 +1,4 @@
-"""Test-time input sizes: the wrappers resize inside the module, and the embedder uses them."""
+"""Test-time input sizes and ensembles: the wrappers resize inside the module, the embedder uses them."""
 
 from dataclasses import replace
 
@@ -10,8 +10,8 @@ from torch.nn import functional as F
 
 from siamese_cv.embedding import Embedder
 from siamese_cv.hardware import resolve_precision
-from siamese_cv.models.multiscale import MultiScale, Resized, at_sizes, resize
-from siamese_cv.models.siamese import Preprocessing
+from siamese_cv.models.multiscale import Ensemble, MultiScale, Resized, at_sizes, resize
+from siamese_cv.models.siamese import Preprocessing, load_checkpoint, save_checkpoint
 
 PREP = Preprocessing(32, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 FP32 = resolve_precision("fp32", torch.device("cpu"))
@@ -39,6 +39,31 @@ def test_multi_scale_is_the_mean_of_each_sizes_normalised_embedding():
         torch.testing.assert_close(got, sum(want) / 3)
         torch.testing.assert_close(Resized(model, 48)(x), model(resize(x, 48)))
     assert not torch.allclose(want[0], want[1], atol=1e-3)  # the sizes really differ
+
+
+def test_an_ensemble_is_the_mean_over_every_member_and_its_sizes():
+    first, second, x = tiny_net(0), tiny_net(1), torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        got = Ensemble([first, second], [(32, 48), ()])(x)  # () : the input's own size
+        want = [F.normalize(first(resize(x, s)), dim=1) for s in (32, 48)]
+        want.append(F.normalize(second(x), dim=1))
+        torch.testing.assert_close(got, sum(want) / 3)
+        assert not torch.allclose(want[0], want[2], atol=1e-3)  # the members really differ
+    with pytest.raises(ValueError, match="2 members but 1 lists of sizes"):
+        Ensemble([first, second], [(32,)])
+
+
+def test_an_ensemble_checkpoint_loads_back_as_the_same_ensemble(tmp_path):
+    ensemble = Ensemble([tiny_net(0), tiny_net(1)], [(32,), (48,)])
+    members = [{"input_sizes": [32]}, {"input_sizes": [48]}]
+    config = {"backbone": "tiny", "head": "linear", "embedding_dim": 16, "members": members}
+    save_checkpoint(ensemble, config, tmp_path)
+    loaded, saved = load_checkpoint(tmp_path)
+    assert isinstance(loaded, Ensemble) and loaded.sizes == ((32,), (48,))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ensemble(x))
+    assert saved["members"] == members
 
 
 def test_at_sizes_wraps_only_when_the_input_size_changes():
@@ -73,6 +98,11 @@ def test_onnxruntime_runs_the_same_resizing_graph_as_torch(monkeypatch, tmp_path
             ort, Embedder(model, prep, FP32).embed_encoded(encoded), atol=1e-5
         )
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 3  # each size set its own export
+    ensemble = Ensemble([model, tiny_net(1)], [(32,), (48,)])
+    ort = Embedder(ensemble, PREP, FP32, engine="onnxruntime").embed_encoded(encoded)
+    np.testing.assert_allclose(
+        ort, Embedder(ensemble, PREP, FP32).embed_encoded(encoded), atol=1e-5
+    )
 
 
 def test_preprocessing_records_the_sizes_and_reads_configs_without_them():

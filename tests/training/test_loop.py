@@ -241,3 +241,14 @@ def test_validation_embeds_at_the_inference_sizes_as_the_exported_model_will(fre
     assert_same_training_other_scores(at_sizes, run(params, freeze=freeze))
     assert val_map_at_r(trained[0], multi) == pytest.approx(at_sizes.best["val_map_at_r"], abs=1e-6)
     assert at_sizes.best["val_map_at_r"] > untrained_map_at_r() + 0.15
+
+
+def test_a_longer_schedule_stops_training_before_the_decay_ends():
+    """`train.schedule_epochs`: the cosine spans 12 epochs, training stops after 8 of them."""
+    cosine = TrainParams(epochs=8, scheduler="cosine", warmup_epochs=1.0)
+    full = loop._lr_lambda(cosine, 10)
+    truncated = loop._lr_lambda(replace(cosine, schedule_epochs=12), 10)
+    assert full(0) == truncated(0) == pytest.approx(0.1)  # the same warm-up
+    assert full(80) == pytest.approx(0.0, abs=1e-12)
+    assert truncated(80) == pytest.approx(0.5 * (1 + np.cos(np.pi * 70 / 110)))  # about 0.29
+    assert truncated(120) == pytest.approx(0.0, abs=1e-12)

@@ -1,4 +1,4 @@
-"""Test-time input sizes (`model.inference_sizes`): embed each photo at sizes other than its own.
+"""Test-time input sizes (`model.inference_sizes`) and ensembles (`train.members`).
 
 Random resized crops make objects look larger in training than in a whole photo at test time;
 embedding at a larger input size restores the apparent size the network learned (Touvron et al.
@@ -6,6 +6,9 @@ embedding at a larger input size restores the apparent size the network learned 
 mean of the L2-normalised embeddings at each, the usual multi-scale descriptor of image
 retrieval. Both wrappers resize inside the module, so the torch engine, the ONNX export and a
 search query all run the same graph on the same stored-size input.
+
+An ensemble of independently trained networks (`Ensemble`) is combined the same way: each
+member embeds at its own sizes, and the embedding is the mean over every (member, size) pair.
 """
 
 from __future__ import annotations
@@ -55,6 +58,34 @@ class MultiScale(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return mean_of_normalised([self.model(resize(images, s)) for s in self.sizes])
+
+
+class Ensemble(nn.Module):
+    """The mean of L2-normalised embeddings over `members`, each at its own input `sizes`.
+
+    Args:
+        members: the trained networks (same embedding width).
+        sizes: per member, the input sizes it embeds at (empty: the input's own size).
+    """
+
+    def __init__(self, members: Sequence[nn.Module], sizes: Sequence[Sequence[int]]):
+        super().__init__()
+        if len(members) != len(sizes):
+            raise ValueError(f"{len(members)} members but {len(sizes)} lists of sizes")
+        self.members = nn.ModuleList(members)
+        self.sizes = tuple(tuple(s) for s in sizes)
+
+    def extra_repr(self) -> str:  # part of the ONNX export's cache key
+        return f"sizes={self.sizes}"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return mean_of_normalised(
+            [
+                member(resize(images, size))
+                for member, sizes in zip(self.members, self.sizes, strict=True)
+                for size in sizes or (images.shape[-1],)
+            ]
+        )
 
 
 def mean_of_normalised(embeddings: Sequence[torch.Tensor]) -> torch.Tensor:

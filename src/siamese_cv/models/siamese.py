@@ -20,6 +20,7 @@ from torch import nn
 from siamese_cv.errors import UserError
 from siamese_cv.io import atomic_path, write_json
 from siamese_cv.models.backbones import Backbone, get_backbone_spec
+from siamese_cv.models.multiscale import Ensemble
 
 _HEADS: dict[str, Callable[[int, int], nn.Module]] = {}
 
@@ -189,7 +190,7 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 
 def save_checkpoint(
-    model: EmbeddingNet, config: dict[str, Any], directory: Path, stem: str = "model"
+    model: nn.Module, config: dict[str, Any], directory: Path, stem: str = "model"
 ) -> str:
     """Write `<stem>.safetensors` and `config.json` atomically; returns the weights fingerprint."""
     from safetensors.torch import save_file
@@ -202,10 +203,8 @@ def save_checkpoint(
     return fingerprint
 
 
-def load_checkpoint(
-    directory: str | Path, stem: str = "model"
-) -> tuple[EmbeddingNet, dict[str, Any]]:
-    """Rebuild the network from `config.json` and load `<stem>.safetensors` into it.
+def load_checkpoint(directory: str | Path, stem: str = "model") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the network (or ensemble) from `config.json` and load `<stem>.safetensors` into it.
 
     Raises:
         UserError: when the files are missing (the train stage has not run).
@@ -228,9 +227,25 @@ def load_checkpoint(
             f"{directory}: {weights.name} and config.json are from different training "
             "runs (train stopped between the two writes?); rerun `dvc repro train`"
         )
-    model, _ = build_model(
-        config["backbone"], config["head"], config["embedding_dim"], config.get("pooling", "avg")
-    )
+    model = _rebuild(config)
     model.load_state_dict(load_file(str(weights)))
     model.eval()
     return model, config
+
+
+def _rebuild(config: dict[str, Any]) -> nn.Module:
+    """The untrained network a config describes: one `EmbeddingNet`, or an `Ensemble` of them."""
+
+    def network() -> EmbeddingNet:
+        model, _ = build_model(
+            config["backbone"],
+            config["head"],
+            config["embedding_dim"],
+            config.get("pooling", "avg"),
+        )
+        return model
+
+    members = config.get("members")
+    if not members:
+        return network()
+    return Ensemble([network() for _ in members], [m["input_sizes"] for m in members])

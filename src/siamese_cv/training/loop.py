@@ -16,7 +16,7 @@ import functools
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -62,13 +62,35 @@ class Schedule:
 
 
 @dataclass
+class PrefixCache:
+    """The frozen prefix's outputs, computed once and shared by every member of an ensemble.
+
+    `train`: [views or 1, n, ...] for the training images; `validation`: per input size, the
+    un-augmented validation images; `views`: augmented views per image (0: un-augmented).
+    """
+
+    train: torch.Tensor
+    validation: dict[int, torch.Tensor]
+    views: int
+
+
+@dataclass
 class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best: dict = field(default_factory=dict)
     seconds: float = 0.0
-    cached_features: bool = False
-    cached_views: int = 0  # augmented views per training image in the cache (0: un-augmented)
+    cache: PrefixCache | None = None
+    best_outputs: list[torch.Tensor] = field(default_factory=list)  # validation, per size
+
+    @property
+    def cached_features(self) -> bool:
+        return self.cache is not None
+
+    @property
+    def cached_views(self) -> int:
+        """Augmented views per training image in the cache (0: un-augmented, or no cache)."""
+        return self.cache.views if self.cache is not None else 0
 
 
 def _triplet_indices(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -77,7 +99,7 @@ def _triplet_indices(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
 
 
 def _lr_lambda(params: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
-    total = max(1, params.epochs * steps_per_epoch)
+    total = max(1, (params.schedule_epochs or params.epochs) * steps_per_epoch)
     warmup = int(params.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
@@ -127,6 +149,8 @@ def fit(
     cache_precision: Precision | None = None,
     cache_engine: str = "torch",
     embed_from: str = "head",
+    cache: PrefixCache | None = None,
+    cache_sizes: Sequence[int] = (),
 ) -> TrainResult:
     """Train `model` in place and leave it holding the best epoch's weights (by validation MAP@R).
 
@@ -150,9 +174,14 @@ def fit(
         embed_from: `model.embed_from`: which output validation scores (and so which epoch is
             kept): the head's (`head`) or the pooled features under it (`pooled`); the
             validation loss is always the head's, at the first inference size.
+        cache: frozen-prefix outputs an earlier member of the ensemble computed (with the
+            same frozen weights); None computes them here when the prefix can be cut.
+        cache_sizes: further validation sizes to put in a cache computed here (the later
+            members' inference sizes).
 
     Returns:
-        Per-epoch history, the best epoch (1-based) and its metrics.
+        Per-epoch history, the best epoch (1-based), its metrics and its validation
+        embeddings, and the cache used.
     """
     device = precision.device
     num_classes = int(max(train.labels.max(), val.labels.max())) + 1
@@ -172,11 +201,12 @@ def fit(
     model.to(device, memory_format=memory_format)
     train_labels = torch.as_tensor(train.labels, device=device)
     views = params.augment_views if params.augment else 0
-    cache = None
-    if not params.augment or views:
+    parts = model.split_frozen()
+    if cache is None and parts is not None and (not params.augment or views):
         cache = _cache_frozen_prefix(
-            model,
+            parts[0],
             prep,
+            dict.fromkeys([*prep.sizes, *cache_sizes]),
             cache_precision or precision,
             train,
             val,
@@ -185,10 +215,11 @@ def fit(
             params.seed,
             cache_engine if device.type == "cpu" else "torch",
         )
-    cached = cache is not None
+    cached = cache is not None and parts is not None
     if cached:
         # features: [views or 1, n, ...]; val_features: one tensor per inference size
-        trainable, features, val_features = cache
+        trainable, features = parts[1], cache.train
+        val_features = [cache.validation[size] for size in prep.sizes]
     net = distributed.wrap(trainable if cached else model, world, device)
 
     steps_per_epoch = len(schedule.epochs[0])
@@ -202,9 +233,7 @@ def fit(
     scored_rest = None
     if cached:
         scored_rest = (trainable if ema is None else scored.split_frozen()[1])[0]
-    result = TrainResult(
-        cached_features=cached, cached_views=len(features) if cached and views else 0
-    )
+    result = TrainResult(cache=cache if cached else None)
     best_state = None
     started = time.perf_counter()
 
@@ -249,7 +278,7 @@ def fit(
         distributed.sync_buffers(net, world)
 
         scored.eval()
-        val_head, exported = _embed_validation(
+        val_head, outputs = _embed_validation(
             scored,
             scored_rest,
             val_features if cached else None,
@@ -261,13 +290,15 @@ def fit(
         )
         train_loss = distributed.mean_over_ranks(float(np.mean(losses)), world, device)
         row = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
-        row.update(_validate(val_head, exported, val.labels, val_triplets, base_loss))
+        row["val_loss"] = _validation_loss(val_head, val.labels, val_triplets, base_loss)
+        row.update(validation_scores(mean_of_normalised(outputs), val.labels, val_triplets))
         row["seconds"] = round(time.perf_counter() - started, 2)
         result.history.append(row)
         if world.main:
             log(row)
         if best_state is None or row[MONITOR] > result.best[MONITOR]:
             result.best_epoch, result.best = epoch, dict(row)
+            result.best_outputs = [o.detach().float().cpu() for o in outputs]
             best_state = copy.deepcopy(scored.state_dict())
 
     model.load_state_dict(best_state)
@@ -285,12 +316,12 @@ def _embed_validation(
     precision: Precision,
     batch_size: int,
     embed_from: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the head's output at the first inference size, the embedding that would be exported).
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the head's output at the first inference size, what would be exported at each size).
 
     With a cache, only the trainable rest runs, on each size's cached prefix outputs; without,
-    the whole backbone embeds the images. Several sizes are combined as the exported model's
-    `MultiScale` combines them: the mean of the L2-normalised embeddings.
+    the whole backbone embeds the images. The exported model combines the sizes as
+    `mean_of_normalised` does.
     """
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     heads, outputs = [], []
@@ -314,7 +345,7 @@ def _embed_validation(
             head = scored.head(pooled).float()
         heads.append(head)
         outputs.append(pooled if embed_from == "pooled" else head)
-    return heads[0], outputs[0] if len(outputs) == 1 else mean_of_normalised(outputs)
+    return heads[0], outputs
 
 
 def _moving_average(model: EmbeddingNet, decay: float) -> AveragedModel | None:
@@ -354,8 +385,9 @@ def _views_for(
 
 
 def _cache_frozen_prefix(
-    model: EmbeddingNet,
+    prefix: torch.nn.Module,
     prep: Preprocessing,
+    val_sizes: Iterable[int],
     precision: Precision,
     train: SplitImages,
     val: SplitImages,
@@ -364,18 +396,15 @@ def _cache_frozen_prefix(
     seed: int,
     engine: str = "torch",
 ):
-    """Run the frozen prefix once: (trainable rest, train outputs [views, n, ...], val outputs).
+    """Run the frozen `prefix` once over the training images and, at `val_sizes`, validation's.
 
     With `views` > 0 the training images go through it as that many seeded augmented views, so
     augmentation survives caching; validation images always go through un-augmented.
-    Returns None when nothing is frozen, the backbone cannot be cut, or not even one view would fit
-    in `CACHE_BUDGET_BYTES` (then every step recomputes them from the images); when only some of
-    the views fit, it caches as many as do and says so.
+    Returns None when not even one view would fit in `CACHE_BUDGET_BYTES` (then every step
+    recomputes them from the images); when only some of the views fit, it caches as many as
+    do and says so.
     """
-    parts = model.split_frozen()
-    if parts is None:
-        return None
-    prefix, trainable = parts
+    val_sizes = list(val_sizes)
     train_prep = replace(prep, input_sizes=())
     keep = torch.bfloat16 if precision.dtype is torch.bfloat16 else torch.float32
 
@@ -386,7 +415,7 @@ def _cache_frozen_prefix(
         return sample.numel() * (2 if keep is torch.bfloat16 else 4)
 
     per_image = bytes_per_image(prep.image_size)
-    val_bytes = len(val.encoded) * sum(bytes_per_image(size) for size in prep.sizes)
+    val_bytes = len(val.encoded) * sum(bytes_per_image(size) for size in val_sizes)
     fitting = (CACHE_BUDGET_BYTES - val_bytes) // per_image // max(len(train.encoded), 1)
     if fitting < 1:
         return None
@@ -420,26 +449,25 @@ def _cache_frozen_prefix(
         if views
         else run(train, prep.image_size).unsqueeze(0)
     )
-    val_views = [run(val, size) for size in prep.sizes]
-    return trainable, train_views, val_views
+    validation = {size: run(val, size) for size in val_sizes}
+    return PrefixCache(train_views, validation, len(train_views) if views else 0)
 
 
-def _validate(
-    head_out: torch.Tensor,
-    exported: torch.Tensor,
-    labels: np.ndarray,
-    triplets: np.ndarray,
-    loss_fn,
-) -> dict:
-    """The loss on the head's output; the retrieval metrics on what will be exported."""
+def _validation_loss(
+    head_out: torch.Tensor, labels: np.ndarray, triplets: np.ndarray, loss_fn
+) -> float:
+    """The training loss on the head's output for the validation images."""
     with torch.no_grad():
         lab = torch.as_tensor(labels, device=head_out.device)
         idx = tuple(torch.as_tensor(triplets[:, i], device=head_out.device) for i in range(3))
-        val_loss = float(loss_fn(head_out, lab, idx))
+        return float(loss_fn(head_out, lab, idx))
+
+
+def validation_scores(exported: torch.Tensor, labels: np.ndarray, triplets: np.ndarray) -> dict:
+    """The validation metrics of an embedding (what will be exported), by which epochs are kept."""
     emb = torch.nn.functional.normalize(exported.float(), dim=1).cpu().numpy()
     retrieval = retrieval_metrics(emb, labels, recall_at=(1,))
     return {
-        "val_loss": val_loss,
         "val_triplet_accuracy": triplet_accuracy(
             emb, triplets[:, 0], triplets[:, 1], triplets[:, 2]
         ),

@@ -17,12 +17,14 @@ import torch
 from siamese_cv import __version__, paths
 from siamese_cv.data.parquet import read_table
 from siamese_cv.data.triplet_tables import read_schedule, read_triplets
+from siamese_cv.errors import UserError
 from siamese_cv.hardware import resolve_device, resolve_precision, seed_everything
+from siamese_cv.models.multiscale import Ensemble, mean_of_normalised
 from siamese_cv.models.pretrained import load_pretrained
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing, save_checkpoint
-from siamese_cv.params import Params, parse_freeze
+from siamese_cv.params import Params, member_sizes, parse_freeze
 from siamese_cv.training.distributed import SINGLE, World
-from siamese_cv.training.loop import Schedule, SplitImages, fit
+from siamese_cv.training.loop import Schedule, SplitImages, fit, validation_scores
 
 
 def library_versions() -> dict[str, str]:
@@ -65,6 +67,10 @@ def train_and_save(
 ) -> dict[str, Any]:
     """Train as `params` says and write models/model.safetensors + models/config.json.
 
+    With `train.members` > 1 the members train one after another, each from the pretrained
+    weights with its own seed and its own epochs of the sampled steps, sharing the frozen-prefix
+    cache; the saved model is their `Ensemble`, scored on validation as it will embed.
+
     Args:
         params: all parameters.
         world: this process's place in a multi-process run (inside its process group).
@@ -74,14 +80,15 @@ def train_and_save(
         The config (written by rank 0), including the per-epoch history and the best epoch.
     """
     tp = params.train
-    seed_everything(tp.seed)
-    backbone, card = load_pretrained(paths.PRETRAINED)
-    backbone.set_pooling(params.model.pooling)  # after the pretrained weights: GeM's p is new
-    model = EmbeddingNet(backbone, params.model.head, params.model.embedding_dim)
-    frozen = model.freeze(parse_freeze(tp.freeze))
-    prep = replace(preprocessing_of(params, card), input_sizes=tuple(params.model.inference_sizes))
+    sizes = member_sizes(params)
     steps, are_triplets = read_schedule(paths.TRIPLETS, tp.batch_size)
+    if len(steps) < tp.members * tp.epochs:
+        raise UserError(
+            f"{paths.TRIPLETS}: {len(steps)} epochs of steps, but train.members x train.epochs "
+            f"= {tp.members * tp.epochs}; rerun `dvc repro sample_triplets`"
+        )
     val_triplets, _ = read_triplets(paths.TRIPLETS / "validation.parquet")
+    train_images, val_images = load_split("train"), load_split("validation")
     precision = resolve_precision(tp.precision, device or resolve_device(tp.device))
 
     from dvclive import Live
@@ -91,33 +98,51 @@ def train_and_save(
         if world.main
         else contextlib.nullcontext()
     )
+    members, cache = [], None
     with logger as live:
+        for k, own_sizes in enumerate(sizes):
+            prefix = f"member{k + 1}/" if len(sizes) > 1 else ""
 
-        def log(row: dict) -> None:
-            for key, value in row.items():
-                if key != "epoch":
-                    live.log_metric(key, value)
-            live.next_step()
+            def log(row: dict, prefix: str = prefix) -> None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        live.log_metric(prefix + key, value)
+                live.next_step()
 
-        result = fit(
-            model,
-            prep,
-            load_split("train"),
-            load_split("validation"),
-            Schedule(steps, are_triplets),
-            val_triplets,
-            tp,
-            precision,
-            log,
-            batch_size_eval=params.evaluate.batch_size,
-            world=world,
-            cache_precision=resolve_precision(params.evaluate.precision, precision.device),
-            cache_engine=params.evaluate.engine,
-            embed_from=params.model.embed_from,
-        )
-    if params.model.embed_from == "pooled":
-        model.drop_head()
+            member_params = replace(tp, seed=tp.seed + k)
+            seed_everything(member_params.seed)
+            model, card, frozen = _pretrained_model(params)
+            prep = replace(preprocessing_of(params, card), input_sizes=own_sizes)
+            result = fit(
+                model,
+                prep,
+                train_images,
+                val_images,
+                Schedule(steps[k * tp.epochs : (k + 1) * tp.epochs], are_triplets),
+                val_triplets,
+                member_params,
+                precision,
+                log,
+                batch_size_eval=params.evaluate.batch_size,
+                world=world,
+                cache_precision=resolve_precision(params.evaluate.precision, precision.device),
+                cache_engine=params.evaluate.engine,
+                embed_from=params.model.embed_from,
+                cache=cache,
+                cache_sizes=[s for own in sizes for s in own],
+            )
+            cache = result.cache
+            if params.model.embed_from == "pooled":
+                model.drop_head()
+            members.append((model, prep, result))
+        best = members[0][2].best
+        if len(members) > 1:
+            outputs = [o for _, _, result in members for o in result.best_outputs]
+            best = validation_scores(mean_of_normalised(outputs), val_images.labels, val_triplets)
+            if world.main:
+                live.summary.update(best)
 
+    model, prep, result = members[0]
     config = {
         "backbone": card["backbone"],
         "pretrained": {"weights": card["weights"], "fingerprint": card["fingerprint"]},
@@ -136,11 +161,36 @@ def train_and_save(
         "cached_features": result.cached_features,
         "cached_views": result.cached_views,
         "best_epoch": result.best_epoch,
-        "best": result.best,
+        "best": best,
         "history": result.history,
-        "train_seconds": round(result.seconds, 1),
+        "train_seconds": round(sum(r.seconds for _, _, r in members), 1),
         "versions": library_versions(),
     }
+    if len(members) > 1:
+        # the ensemble resizes inside itself, so the embedder feeds it the stored size
+        config["preprocessing"] = replace(prep, input_sizes=()).to_dict()
+        config["members"] = [
+            {
+                "seed": tp.seed + k,
+                "input_sizes": list(p.input_sizes),
+                "best_epoch": r.best_epoch,
+                "best": r.best,
+                "history": r.history,
+                "train_seconds": round(r.seconds, 1),
+            }
+            for k, (_, p, r) in enumerate(members)
+        ]
+        del config["best_epoch"], config["history"]
+        model = Ensemble([m for m, _, _ in members], [p.input_sizes for _, p, _ in members])
     if world.main:
         save_checkpoint(model, config, paths.MODEL)
     return config
+
+
+def _pretrained_model(params: Params) -> tuple[EmbeddingNet, dict[str, Any], list[str]]:
+    """A fresh network from the pretrained weights, frozen as `train.freeze` says."""
+    backbone, card = load_pretrained(paths.PRETRAINED)
+    backbone.set_pooling(params.model.pooling)  # after the pretrained weights: GeM's p is new
+    model = EmbeddingNet(backbone, params.model.head, params.model.embedding_dim)
+    frozen = model.freeze(parse_freeze(params.train.freeze))
+    return model, card, frozen
