@@ -100,15 +100,16 @@ def train_and_save(
     )
     members, cache = [], None
     with logger as live:
+        # an ensemble's members train one after another, and their epochs follow one another on
+        # the curves' step axis, so dvc.yaml's plots show every member
+
+        def log(row: dict) -> None:
+            for key, value in row.items():
+                if key != "epoch":
+                    live.log_metric(key, value)
+            live.next_step()
+
         for k, own_sizes in enumerate(sizes):
-            prefix = f"member{k + 1}/" if len(sizes) > 1 else ""
-
-            def log(row: dict, prefix: str = prefix) -> None:
-                for key, value in row.items():
-                    if key != "epoch":
-                        live.log_metric(prefix + key, value)
-                live.next_step()
-
             member_params = replace(tp, seed=tp.seed + k)
             seed_everything(member_params.seed)
             model, card, frozen = _pretrained_model(params)
@@ -135,13 +136,25 @@ def train_and_save(
             if params.model.embed_from == "pooled":
                 model.drop_head()
             members.append((model, prep, result))
-        best = members[0][2].best
         if len(members) > 1:
             outputs = [o for _, _, result in members for o in result.best_outputs]
-            best = validation_scores(mean_of_normalised(outputs), val_images.labels, val_triplets)
+            ensemble_best = validation_scores(
+                mean_of_normalised(outputs), val_images.labels, val_triplets
+            )
             if world.main:
-                live.summary.update(best)
+                live.summary.update(ensemble_best)  # metrics.json: the ensemble's figures
 
+    records = [
+        {
+            "seed": tp.seed + k,
+            "input_sizes": list(prep.input_sizes),
+            "best_epoch": result.best_epoch,
+            "best": result.best,
+            "history": result.history,
+            "train_seconds": round(result.seconds, 1),
+        }
+        for k, (_, prep, result) in enumerate(members)
+    ]
     model, prep, result = members[0]
     config = {
         "backbone": card["backbone"],
@@ -160,27 +173,18 @@ def train_and_save(
         "world_size": world.size,
         "cached_features": result.cached_features,
         "cached_views": result.cached_views,
-        "best_epoch": result.best_epoch,
-        "best": best,
-        "history": result.history,
         "train_seconds": round(sum(r.seconds for _, _, r in members), 1),
         "versions": library_versions(),
     }
-    if len(members) > 1:
+    if len(members) == 1:
+        config |= {key: records[0][key] for key in ("best_epoch", "best", "history")}
+    else:
         # the ensemble resizes inside itself, so the embedder feeds it the stored size
-        config["preprocessing"] = replace(prep, input_sizes=()).to_dict()
-        config["members"] = [
-            {
-                "seed": tp.seed + k,
-                "input_sizes": list(p.input_sizes),
-                "best_epoch": r.best_epoch,
-                "best": r.best,
-                "history": r.history,
-                "train_seconds": round(r.seconds, 1),
-            }
-            for k, (_, p, r) in enumerate(members)
-        ]
-        del config["best_epoch"], config["history"]
+        config |= {
+            "preprocessing": replace(prep, input_sizes=()).to_dict(),
+            "best": ensemble_best,
+            "members": records,
+        }
         model = Ensemble([m for m, _, _ in members], [p.input_sizes for _, p, _ in members])
     if world.main:
         save_checkpoint(model, config, paths.MODEL)
