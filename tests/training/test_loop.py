@@ -215,6 +215,16 @@ def test_a_moving_average_of_the_weights_is_what_gets_validated_and_kept(freeze)
     assert averaged.best["val_map_at_r"] > untrained_map_at_r() + 0.15
 
 
+def test_the_moving_average_spans_at_most_two_epochs():
+    """With 4 steps an epoch, a decay of 0.99 (100 steps) would average over the whole run."""
+    capped = run(TrainParams(epochs=3, lr=3e-3, workers=0, ema=0.99))
+    assert capped.ema_decay == pytest.approx(1 - 1 / 8)
+    explicit = run(TrainParams(epochs=3, lr=3e-3, workers=0, ema=1 - 1 / 8))
+    assert [h["val_loss"] for h in capped.history] == [h["val_loss"] for h in explicit.history]
+    below = run(TrainParams(epochs=3, lr=3e-3, workers=0, ema=0.5))
+    assert below.ema_decay == 0.5 and run(TrainParams(epochs=1, workers=0)).ema_decay == 0.0
+
+
 @pytest.mark.parametrize("freeze", [None, 1], ids=["images", "cached-prefix"])
 def test_embedding_from_the_pooled_features_validates_and_keeps_them(freeze):
     params = TrainParams(epochs=4, lr=3e-3, workers=0, ema=0.8)

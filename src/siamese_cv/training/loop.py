@@ -43,6 +43,7 @@ from siamese_cv.training.sharding import share_of
 
 MONITOR = "val_map_at_r"
 CACHE_BUDGET_BYTES = 6 * 2**30  # above this, frozen-prefix outputs are recomputed from images
+EMA_MAX_EPOCHS = 2  # the moving average spans (1 / (1 - decay) steps) at most this many epochs
 
 
 @dataclass
@@ -82,6 +83,7 @@ class TrainResult:
     seconds: float = 0.0
     cache: PrefixCache | None = None
     best_outputs: list[torch.Tensor] = field(default_factory=list)  # validation, per size
+    ema_decay: float = 0.0  # the moving average's decay per step (`train.ema`, capped)
 
     @property
     def cached_features(self) -> bool:
@@ -226,14 +228,14 @@ def fit(
     optimizer = _optimizer(model, params, base_loss)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(params, steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=precision.dtype == torch.float16)
-    ema = _moving_average(model, params.ema)
+    ema = _moving_average(model, params.ema, steps_per_epoch)
     scored = model if ema is None else ema.module  # what is validated and kept
     # with a cache, validation runs only the trainable part (the average's own copy of it),
     # without the head: validation needs the pooled features as well as the head's output
     scored_rest = None
     if cached:
         scored_rest = (trainable if ema is None else scored.split_frozen()[1])[0]
-    result = TrainResult(cache=cache if cached else None)
+    result = TrainResult(cache=cache if cached else None, ema_decay=ema.decay if ema else 0.0)
     best_state = None
     started = time.perf_counter()
 
@@ -348,15 +350,22 @@ def _embed_validation(
     return heads[0], outputs
 
 
-def _moving_average(model: EmbeddingNet, decay: float) -> AveragedModel | None:
+def _moving_average(
+    model: EmbeddingNet, decay: float, steps_per_epoch: int
+) -> AveragedModel | None:
     """An exponential moving average of the weights and BatchNorm statistics (`train.ema`).
 
     Averaging the last few hundred steps smooths out the noise of small batches; the averaged
-    copy is what gets validated and kept.
+    copy is what gets validated and kept. Its span, 1 / (1 - decay) steps, is capped at
+    `EMA_MAX_EPOCHS` epochs: on a small collection, with few steps an epoch, a fixed decay
+    would average over most of the run and keep the first epochs' weights in what is scored.
     """
     if not decay:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    decay = min(decay, 1.0 - 1.0 / (EMA_MAX_EPOCHS * steps_per_epoch))
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    average.decay = decay  # what was used, for the record
+    return average
 
 
 def _for(batch: torch.Tensor, precision: Precision) -> torch.Tensor:

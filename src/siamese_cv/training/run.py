@@ -173,6 +173,7 @@ def train_and_save(
         "world_size": world.size,
         "cached_features": result.cached_features,
         "cached_views": result.cached_views,
+        "ema_decay": result.ema_decay,
         "train_seconds": round(sum(r.seconds for _, _, r in members), 1),
         "versions": library_versions(),
     }
