@@ -165,7 +165,8 @@ class TrainParams:
         0.0,
         ge=0.0,
         le=0.9999,
-        doc="> 0: validate and keep an exponential moving average of the weights, this decay per step",
+        doc="> 0: validate and keep an exponential moving average of the weights, this decay "
+        "per step (lowered where it would span more than two epochs)",
     )
     precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = _opt("auto", doc="auto | cpu | cuda | cuda:N")
