@@ -18,7 +18,7 @@ from siamese_cv.stage import run_stage, stage_params
 def main(argv: Sequence[str] | None = None) -> int:
     params = stage_params(argv, __doc__)
     summary = write_triplet_tables(
-        paths.PROCESSED, paths.TRIPLETS, params.triplets, params.train.epochs * params.train.members
+        paths.PROCESSED, paths.TRIPLETS, params.triplets, params.train.sampled_epochs
     )
     print("sample_triplets: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0

@@ -264,6 +264,18 @@ def test_an_ensemble_trains_each_member_and_embeds_with_their_mean(project):
     first_id, photo = gallery_photo(project, 4)
     hits = search(project, photo)
     assert hits[0]["id"] == first_id and hits[0]["score"] > 0.99
+    # the train script run by hand after adding a member, before sample_triplets: one clear line
+    three = ("train.members=3", "model.inference_sizes=[[64], [96], [80]]")
+    run(project, "siamese-params", "apply", *[a for s in three for a in ("--set", s)])
+    try:
+        failed = run(project, "python", "stages/train.py", check=False)
+    finally:
+        run(project, "siamese-params", "apply", *[a for s in settings for a in ("--set", s)])
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert "data/triplets: 4 epochs of steps, but train.members x train.epochs = 6" in (
+        failed.stderr
+    )
+    assert run(project, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
 
 
 def test_forced_reruns_give_identical_metrics(project):

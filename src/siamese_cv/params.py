@@ -189,6 +189,11 @@ class TrainParams:
         "score against every process's embeddings, not only its own",
     )
 
+    @property
+    def sampled_epochs(self) -> int:
+        """Epochs of steps the sample_triplets stage writes: `epochs` for each of the `members`."""
+        return self.epochs * self.members
+
 
 def _engine_opt():
     """`evaluate.engine` and `export.engine`: the same choice for the embedder of each stage."""

@@ -45,21 +45,6 @@ class Resized(nn.Module):
         return self.model(resize(images, self.size))
 
 
-class MultiScale(nn.Module):
-    """The mean over `sizes` of `model`'s L2-normalised embeddings of the resized input."""
-
-    def __init__(self, model: nn.Module, sizes: Sequence[int]):
-        super().__init__()
-        self.model = model
-        self.sizes = tuple(sizes)
-
-    def extra_repr(self) -> str:  # part of the ONNX export's cache key
-        return f"sizes={self.sizes}"
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return mean_of_normalised([self.model(resize(images, s)) for s in self.sizes])
-
-
 class Ensemble(nn.Module):
     """The mean of L2-normalised embeddings over `members`, each at its own input `sizes`.
 
@@ -86,6 +71,16 @@ class Ensemble(nn.Module):
                 for size in sizes or (images.shape[-1],)
             ]
         )
+
+
+class MultiScale(Ensemble):
+    """The mean over `sizes` of `model`'s L2-normalised embeddings: a one-member `Ensemble`."""
+
+    def __init__(self, model: nn.Module, sizes: Sequence[int]):
+        super().__init__([model], [sizes])
+
+    def extra_repr(self) -> str:  # part of the ONNX export's cache key
+        return f"sizes={self.sizes[0]}"
 
 
 def mean_of_normalised(embeddings: Sequence[torch.Tensor]) -> torch.Tensor:

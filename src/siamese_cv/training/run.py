@@ -82,10 +82,10 @@ def train_and_save(
     tp = params.train
     sizes = member_sizes(params)
     steps, are_triplets = read_schedule(paths.TRIPLETS, tp.batch_size)
-    if len(steps) < tp.members * tp.epochs:
+    if len(steps) < tp.sampled_epochs:
         raise UserError(
             f"{paths.TRIPLETS}: {len(steps)} epochs of steps, but train.members x train.epochs "
-            f"= {tp.members * tp.epochs}; rerun `dvc repro sample_triplets`"
+            f"= {tp.sampled_epochs}; rerun `dvc repro sample_triplets`"
         )
     val_triplets, _ = read_triplets(paths.TRIPLETS / "validation.parquet")
     train_images, val_images = load_split("train"), load_split("validation")
