@@ -1,6 +1,6 @@
 """Embedding throughput, end to end from a processed parquet, and the accuracy it keeps.
 
-Project: `siamese_cv.embedding.Embedder` as the pipeline runs it: batch 64, eval mode under
+Project: `siamese_cv.inference.embedder.Embedder` as the pipeline runs it: batch 64, eval mode under
 inference_mode, `resolve_precision("auto")` (bf16 autocast + channels_last on CPUs with AMX
 or AVX512-BF16, else fp32), decoding the next batch in a thread while the current one runs.
 Baselines, over the same parquet bytes and the same weights:
@@ -45,14 +45,14 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from siamese_cv.core.errors import UserError
 from siamese_cv.data.images import prepare_image
 from siamese_cv.data.parquet import PROCESSED_SCHEMA, iter_batches, read_table, write_rows
-from siamese_cv.embedding import Embedder, decode_batch
-from siamese_cv.errors import UserError
-from siamese_cv.hardware import resolve_precision
+from siamese_cv.inference.embedder import Embedder, decode_batch
+from siamese_cv.inference.hardware import resolve_precision
+from siamese_cv.inference.onnx_export import CACHE_ENV
 from siamese_cv.models.backbones import get_backbone_spec
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
-from siamese_cv.onnx_export import CACHE_ENV
 
 IMAGE_SIZE = 244
 BATCH = 64

@@ -22,10 +22,10 @@ from pathlib import Path
 from _common import Row, food10_files, print_table
 from PIL import Image
 
+from siamese_cv.config.params import SPLITS, PreprocessParams
 from siamese_cv.data.parquet import RAW_SCHEMA, write_splits
 from siamese_cv.data.preprocessing import available_cores, preprocess_splits
 from siamese_cv.data.sources import open_source
-from siamese_cv.params import SPLITS, PreprocessParams
 
 
 def link_folder(files: list[tuple[str, str, Path]], root: Path) -> Path:

@@ -2,7 +2,7 @@
 
 Galleries of 5,000 and 1,000,000 (100,000 with --quick) synthetic 1280-d vectors (`--dim`),
 L2-normalised and clustered around seeded directions, 100 vectors to a direction (as the
-photos of one class or one product are); queries are fresh draws from the same mixture. Project: `siamese_cv.index`
+photos of one class or one product are); queries are fresh draws from the same mixture. Project: `siamese_cv.retrieval.index`
 (`exact`: one matrix product + partial sort; `ivf`: FAISS IVF-SQ8 with its default nlist and
 nprobe). Baseline: the original's search, a Python loop computing one cosine per gallery
 vector, then a sort. On a large gallery that loop takes seconds per query, so it is timed on a
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from _common import Row, percentile, print_table
 
-from siamese_cv.index import Index, build_index
+from siamese_cv.retrieval.index import Index, build_index
 
 DIM = 1280  # the offline profile: Lite2's pooled features, no projection head
 PER_CENTRE = 100

@@ -19,8 +19,8 @@ from _common import Row, food10_files, print_table
 from PIL import Image
 
 from siamese_cv.data.images import resize_image
-from siamese_cv.embedding import to_tensor
-from siamese_cv.hardware import cpu_has_fast_bf16
+from siamese_cv.inference.embedder import to_tensor
+from siamese_cv.inference.hardware import cpu_has_fast_bf16
 from siamese_cv.models.backbones import get_backbone_spec
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
 from siamese_cv.training.losses import build_loss

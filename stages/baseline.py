@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from siamese_cv import paths
-from siamese_cv.embedding import Embedder
+from siamese_cv.config.stage import run_stage, stage_params
+from siamese_cv.core import paths
+from siamese_cv.core.atomic import write_json
 from siamese_cv.evaluation.scoring import embed_splits, load_test_set, score_embeddings
-from siamese_cv.hardware import resolve_device, resolve_precision
-from siamese_cv.io import write_json
+from siamese_cv.inference.embedder import Embedder
+from siamese_cv.inference.hardware import resolve_device, resolve_precision
 from siamese_cv.models.pretrained import load_pretrained
 from siamese_cv.models.siamese import EmbeddingNet
-from siamese_cv.stage import run_stage, stage_params
 from siamese_cv.training.run import preprocessing_of
 
 

@@ -11,13 +11,13 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from siamese_cv import paths
+from siamese_cv.config.params import SPLITS
+from siamese_cv.config.stage import run_stage, stage_params
+from siamese_cv.core import paths
+from siamese_cv.core.atomic import atomic_path
 from siamese_cv.data.parquet import RAW_SCHEMA, write_splits
 from siamese_cv.data.sources import open_source
-from siamese_cv.io import atomic_path
 from siamese_cv.models.pretrained import resolve_pretrained
-from siamese_cv.params import SPLITS
-from siamese_cv.stage import run_stage, stage_params
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from siamese_cv import paths
+from siamese_cv.config.stage import run_stage, stage_params
+from siamese_cv.core import paths
+from siamese_cv.core.atomic import read_json, write_json
 from siamese_cv.data.parquet import read_table
-from siamese_cv.embedding import Embedder
 from siamese_cv.evaluation.report import write_figures
 from siamese_cv.evaluation.scoring import embed_splits, load_test_set, score_embeddings
-from siamese_cv.gallery import load_gallery
-from siamese_cv.hardware import resolve_device, resolve_precision
-from siamese_cv.io import read_json, write_json
+from siamese_cv.inference.embedder import Embedder
+from siamese_cv.inference.hardware import resolve_device, resolve_precision
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint
-from siamese_cv.stage import run_stage, stage_params
+from siamese_cv.retrieval.gallery import load_gallery
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,16 +13,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from siamese_cv import paths
+from siamese_cv.config.params import Params
+from siamese_cv.config.stage import run_stage, stage_args
+from siamese_cv.core import paths
 from siamese_cv.data.parquet import read_table
 from siamese_cv.data.preprocessing import available_cores
-from siamese_cv.embedding import Embedder, import_onnxruntime
-from siamese_cv.gallery import gallery_table, write_gallery
-from siamese_cv.gallery_shards import embed_shard, run_export_shards
-from siamese_cv.hardware import resolve_device, resolve_precision
+from siamese_cv.inference.embedder import Embedder, import_onnxruntime
+from siamese_cv.inference.hardware import resolve_device, resolve_precision
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint
-from siamese_cv.params import Params
-from siamese_cv.stage import run_stage, stage_args
+from siamese_cv.retrieval.gallery import gallery_table, write_gallery
+from siamese_cv.retrieval.gallery_shards import embed_shard, run_export_shards
 
 
 def main(argv: Sequence[str] | None = None) -> int:

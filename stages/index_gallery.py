@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from siamese_cv import paths
-from siamese_cv.errors import UserError
-from siamese_cv.gallery import load_gallery
-from siamese_cv.index import build_index, save_index
-from siamese_cv.stage import run_stage, stage_params
+from siamese_cv.config.stage import run_stage, stage_params
+from siamese_cv.core import paths
+from siamese_cv.core.errors import UserError
+from siamese_cv.retrieval.gallery import load_gallery
+from siamese_cv.retrieval.index import build_index, save_index
 
 
 def main(argv: Sequence[str] | None = None) -> int:

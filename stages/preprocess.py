@@ -12,11 +12,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from siamese_cv import paths
+from siamese_cv.config.stage import run_stage, stage_args
+from siamese_cv.core import paths
+from siamese_cv.core.atomic import write_json
+from siamese_cv.core.errors import UserError
 from siamese_cv.data.preprocessing import preprocess_shard, preprocess_splits
-from siamese_cv.errors import UserError
-from siamese_cv.io import write_json
-from siamese_cv.stage import run_stage, stage_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

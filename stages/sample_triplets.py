@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from siamese_cv import paths
+from siamese_cv.config.stage import run_stage, stage_params
+from siamese_cv.core import paths
 from siamese_cv.data.triplet_tables import write_triplet_tables
-from siamese_cv.stage import run_stage, stage_params
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from siamese_cv import paths
-from siamese_cv.stage import run_stage, stage_params
+from siamese_cv.config.stage import run_stage, stage_params
+from siamese_cv.core import paths
 from siamese_cv.training.launch import train
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import food10_photos
 
-from siamese_cv.embedding import Embedder, decode_batch
-from siamese_cv.errors import run_cli
-from siamese_cv.hardware import cpu_has_fast_bf16, resolve_precision
+from siamese_cv.core.errors import run_cli
+from siamese_cv.inference.embedder import Embedder, decode_batch
+from siamese_cv.inference.hardware import cpu_has_fast_bf16, resolve_precision
 from siamese_cv.models.backbones import get_backbone_spec
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing, build_model
 

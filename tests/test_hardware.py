@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from siamese_cv.errors import UserError
-from siamese_cv.hardware import resolve_precision
+from siamese_cv.core.errors import UserError
+from siamese_cv.inference.hardware import resolve_precision
 from siamese_cv.models.siamese import build_model
 
 CPU = torch.device("cpu")

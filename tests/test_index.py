@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from siamese_cv.index import build_index, default_nlist, top_k
-from siamese_cv.search import top_k as reexported_top_k
+from siamese_cv.retrieval.index import build_index, default_nlist
 
 pytest.importorskip("faiss")
 
@@ -31,10 +30,6 @@ def queries(gallery: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def ivf(gallery: np.ndarray):
     return build_index(gallery, "ivf", seed=0)
-
-
-def test_top_k_is_still_importable_from_search():
-    assert reexported_top_k is top_k
 
 
 def test_exact_matches_brute_force(gallery: np.ndarray, queries: np.ndarray):
@@ -101,7 +96,7 @@ def test_ivf_survives_faiss_torch_utils_patching():
     """pytorch-metric-learning imports faiss.contrib.torch_utils, which patches Index.search."""
     import faiss.contrib.torch_utils  # noqa: F401
 
-    from siamese_cv.index import build_index
+    from siamese_cv.retrieval.index import build_index
 
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(500, 16)).astype(np.float32)
@@ -111,7 +106,7 @@ def test_ivf_survives_faiss_torch_utils_patching():
 
 
 def test_a_saved_ivf_index_loads_and_searches_exactly_as_built(tmp_path, gallery, queries, ivf):
-    from siamese_cv.index import IVF_FILE, load_index, save_index
+    from siamese_cv.retrieval.index import IVF_FILE, load_index, save_index
 
     meta = save_index(ivf, tmp_path / "index", gallery)
     assert meta["kind"] == "ivf" and meta["ntotal"] == len(gallery)
@@ -124,8 +119,8 @@ def test_a_saved_ivf_index_loads_and_searches_exactly_as_built(tmp_path, gallery
 
 
 def test_a_saved_index_refuses_another_gallery_and_is_absent_when_never_saved(tmp_path, gallery):
-    from siamese_cv.errors import UserError
-    from siamese_cv.index import load_index, save_index
+    from siamese_cv.core.errors import UserError
+    from siamese_cv.retrieval.index import load_index, save_index
 
     assert load_index(tmp_path / "nothing", gallery) is None
     save_index(build_index(gallery[:500]), tmp_path / "index", gallery[:500])

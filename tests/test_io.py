@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from siamese_cv.io import atomic_path, write_json
+from siamese_cv.core.atomic import atomic_path, write_json
 
 
 def test_atomic_file_appears_only_when_complete(tmp_path):

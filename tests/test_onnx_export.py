@@ -7,9 +7,9 @@ import pytest
 import torch
 from tiny_inputs import noise_photos, tiny_net
 
-from siamese_cv import onnx_export
-from siamese_cv.embedding import Embedder
-from siamese_cv.hardware import resolve_precision
+from siamese_cv.inference import onnx_export
+from siamese_cv.inference.embedder import Embedder
+from siamese_cv.inference.hardware import resolve_precision
 from siamese_cv.models.siamese import Preprocessing
 
 pytest.importorskip("onnxruntime")
@@ -62,7 +62,7 @@ def test_the_key_covers_weights_buffers_and_input_size():
 
 
 def test_the_key_covers_the_helpers_of_this_packages_modules():
-    from siamese_cv.models.multiscale import MultiScale
+    from siamese_cv.models.ensemble import MultiScale
 
     # a helper that MultiScale.forward calls is part of what the key hashes ...
     assert "def resize(" in onnx_export.source_of(MultiScale)

@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from siamese_cv.errors import ParamsError, run_cli
-from siamese_cv.params import Params, load_params, member_sizes, parse_freeze
-from siamese_cv.params_cli import main as params_main
+from siamese_cv.config.cli import main as params_main
+from siamese_cv.config.params import Params, load_params, member_sizes, parse_freeze
+from siamese_cv.core.errors import ParamsError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

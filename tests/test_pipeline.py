@@ -160,10 +160,10 @@ def test_inference_sizes_reach_the_gallery_and_a_search_query(project):
     import numpy as np
     import torch
 
-    from siamese_cv.embedding import Embedder
-    from siamese_cv.hardware import resolve_precision
+    from siamese_cv.config.params import load_params
+    from siamese_cv.inference.embedder import Embedder
+    from siamese_cv.inference.hardware import resolve_precision
     from siamese_cv.models.siamese import Preprocessing, load_checkpoint
-    from siamese_cv.params import load_params
 
     run(project, "siamese-params", "apply", "--set", "model.inference_sizes=[64, 96]")
     out = run(project, "dvc", "repro").stdout
@@ -195,11 +195,11 @@ def test_an_ensemble_trains_each_member_and_embeds_with_their_mean(project):
     import numpy as np
     import torch
 
-    from siamese_cv.embedding import Embedder
-    from siamese_cv.hardware import resolve_precision
-    from siamese_cv.models.multiscale import Ensemble
+    from siamese_cv.config.params import load_params
+    from siamese_cv.inference.embedder import Embedder
+    from siamese_cv.inference.hardware import resolve_precision
+    from siamese_cv.models.ensemble import Ensemble
     from siamese_cv.models.siamese import Preprocessing, load_checkpoint
-    from siamese_cv.params import load_params
     from siamese_cv.training.loop import validation_scores
 
     settings = ("train.members=2", "model.inference_sizes=[[64], [96]]")

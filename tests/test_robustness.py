@@ -42,8 +42,8 @@ from pipeline_project import (
     run,
 )
 
-from siamese_cv.errors import run_cli
-from siamese_cv.params_cli import main as params_main
+from siamese_cv.config.cli import main as params_main
+from siamese_cv.core.errors import run_cli
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

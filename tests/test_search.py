@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from conftest import food10_photos
 
-from siamese_cv.search import main, top_k
+from siamese_cv.retrieval.index import top_k
+from siamese_cv.retrieval.search import main
 
 
 def test_top_k_matches_a_full_sort():
@@ -31,10 +32,10 @@ def test_search_engine_onnxruntime_finds_what_torch_finds(tmp_path, capsys):
     import torch
 
     from siamese_cv.data.images import load_rgb
-    from siamese_cv.embedding import Embedder
-    from siamese_cv.gallery import gallery_table, write_gallery
-    from siamese_cv.hardware import resolve_precision
+    from siamese_cv.inference.embedder import Embedder
+    from siamese_cv.inference.hardware import resolve_precision
     from siamese_cv.models.siamese import Preprocessing, build_model, save_checkpoint
+    from siamese_cv.retrieval.gallery import gallery_table, write_gallery
 
     files = [f for group in food10_photos("train", 4, 3).values() for f in group]
     torch.manual_seed(0)

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from siamese_cv.config.params import SPLITS, PreprocessParams
+from siamese_cv.core.errors import UserError
+from siamese_cv.core.shards import ShardStore, describe_exit, run_shards, shard_range
 from siamese_cv.data.parquet import RAW_SCHEMA, iter_row_range, write_splits
 from siamese_cv.data.preprocessing import preprocess_splits
-from siamese_cv.errors import UserError
-from siamese_cv.params import SPLITS, PreprocessParams
-from siamese_cv.shards import ShardStore, describe_exit, run_shards, shard_range
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 64, 1001])
@@ -118,7 +118,7 @@ def test_sharded_preprocess_writes_the_single_shard_bytes(tmp_path, monkeypatch,
     def command(index: int, key: str, workers: int) -> list[str]:
         code = (
             "import sys; from pathlib import Path;"
-            "from siamese_cv.params import PreprocessParams;"
+            "from siamese_cv.config.params import PreprocessParams;"
             "from siamese_cv.data.preprocessing import preprocess_shard;"
             f"preprocess_shard(Path('data/raw'), PreprocessParams(image_size=16, row_group_size=8,"
             f" shards={shards}), {index}, {key!r}, {workers})"
@@ -149,7 +149,7 @@ def test_a_failed_shard_keeps_the_others_for_the_next_run(tmp_path, monkeypatch)
         fail = "raise SystemExit(1)" if index == 1 and first else "pass"
         code = (
             f"{fail}\nfrom pathlib import Path\n"
-            "from siamese_cv.params import PreprocessParams\n"
+            "from siamese_cv.config.params import PreprocessParams\n"
             "from siamese_cv.data.preprocessing import preprocess_shard\n"
             "preprocess_shard(Path('data/raw'), PreprocessParams(image_size=16,"
             f" row_group_size=8, shards=3), {index}, {key!r}, {workers})"
@@ -180,7 +180,7 @@ def test_a_failed_shard_keeps_the_others_for_the_next_run(tmp_path, monkeypatch)
 def test_streamed_gallery_is_the_written_gallery(tmp_path, monkeypatch, rows, cut) -> None:
     """write_gallery_rows from pieces = write_gallery of the whole table, byte for byte, across
     row-group boundaries (16 rows here instead of 65,536)."""
-    from siamese_cv import gallery
+    from siamese_cv.retrieval import gallery
 
     monkeypatch.setattr(gallery, "GALLERY_ROW_GROUP", 16)
     rng = np.random.default_rng(1)

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from siamese_cv.core.errors import UserError
 from siamese_cv.data import sources
 from siamese_cv.data.sources import Record, open_source, stratified_holdout
-from siamese_cv.errors import UserError
 
 COLOURS = {"apple": (200, 30, 30), "kiwi": (40, 160, 40), "plum": (90, 20, 120)}
 
@@ -321,8 +321,8 @@ def test_hf_without_validation_gets_a_slice(hf_cache: Path) -> None:
 def test_hf_streaming_gives_the_same_rows_and_caches_nothing(hf_cache: Path, splits) -> None:
     """data.streaming: the same records (ids, splits, labels, bytes) as the cached load, once
     written per split as the download stage writes them; no arrow copy in the datasets cache."""
+    from siamese_cv.config.params import SPLITS
     from siamese_cv.data.parquet import RAW_SCHEMA, write_splits
-    from siamese_cv.params import SPLITS
 
     _stand_in(hf_cache / "hub", splits)
     _, cached = _open("hf:hub", hf_cache)

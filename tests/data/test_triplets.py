@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from siamese_cv.core.errors import UserError
 from siamese_cv.data.triplets import pk_batches, random_triplets, rng_for
-from siamese_cv.errors import UserError
 
 LABELS = np.array([0] * 5 + [1] * 3 + [2] * 8 + [3] * 2)
 

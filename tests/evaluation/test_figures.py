@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from siamese_cv.evaluation.figures import (
-    confusion_figure,
-    curves_figure,
-    embedding_map,
-    search_grid,
-    triplet_figure,
-)
+from siamese_cv.evaluation.figures import confusion_figure, embedding_map, triplet_figure
+from siamese_cv.retrieval.grid import search_grid
 
 CLASSES = ["circle", "square", "a rather long class name that must be shortened"]
 COLOURS = [(220, 60, 60), (60, 120, 220), (40, 170, 90)]
@@ -85,18 +80,6 @@ def clustered(n_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32), labels
 
 
-HISTORY = [
-    {
-        "epoch": e,
-        "train_loss": 0.5 / e,
-        "val_loss": 0.6 / e + 0.02 * e,
-        "val_triplet_accuracy": 0.7 + 0.04 * e,
-        "val_map_at_r": 0.3 + 0.05 * e,
-    }
-    for e in range(1, 7)
-]
-
-
 def test_triplet_figure(tmp_path):
     out = triplet_figure(triplet_rows(), tmp_path / "sub" / "triplets.png", "Seeded test triplets")
     assert out == tmp_path / "sub" / "triplets.png"
@@ -128,22 +111,10 @@ def test_confusion_figure(tmp_path):
     check_png(confusion_figure(matrix, CLASSES, tmp_path / "confusion.png", "Nearest neighbour"))
 
 
-def test_curves_figure_with_missing_values(tmp_path):
-    history = [dict(row) for row in HISTORY]
-    del history[0]["val_map_at_r"]
-    history[2]["val_loss"] = None
-    check_png(curves_figure(history, tmp_path / "curves.png", "Training"))
-
-
-def test_curves_figure_losses_only(tmp_path):
-    history = [{"train_loss": 1.0 / (i + 1)} for i in range(3)]
-    check_png(curves_figure(history, tmp_path / "curves.png", "Losses only"))
-
-
 def test_overwrites_existing_png_atomically(tmp_path):
-    target = tmp_path / "curves.png"
+    target = tmp_path / "confusion.png"
     target.write_bytes(b"stale")
-    curves_figure(HISTORY, target, "Again")
+    confusion_figure(np.eye(3, dtype=int) * 5, CLASSES, target, "Again")
     check_png(target)
 
 
@@ -152,8 +123,6 @@ def test_empty_inputs_say_what_is_missing(tmp_path):
         triplet_figure([], tmp_path / "t.png", "x")
     with pytest.raises(ValueError, match="no search results"):
         search_grid(shape_image(0, 0), "a", [], tmp_path / "s.png", "x")
-    with pytest.raises(ValueError, match="history is empty"):
-        curves_figure([], tmp_path / "c.png", "x")
     with pytest.raises(ValueError, match="3 class names"):
         confusion_figure(np.zeros((2, 2)), CLASSES, tmp_path / "m.png", "x")
     assert list(tmp_path.iterdir()) == []

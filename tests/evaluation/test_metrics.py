@@ -11,8 +11,8 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 
+from siamese_cv.core.errors import UserError
 from siamese_cv.data.triplets import random_triplets
-from siamese_cv.errors import UserError
 from siamese_cv.evaluation.metrics import (
     expected_triplet_accuracy,
     gallery_metrics,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 from siamese_cv.models.backbones import get_backbone_spec, list_backbones, load_weights_file
 
 

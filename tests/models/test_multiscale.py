@@ -8,9 +8,9 @@ import torch
 from tiny_inputs import noise_photos, tiny_net
 from torch.nn import functional as F
 
-from siamese_cv.embedding import Embedder
-from siamese_cv.hardware import resolve_precision
-from siamese_cv.models.multiscale import Ensemble, MultiScale, Resized, at_sizes, resize
+from siamese_cv.inference.embedder import Embedder
+from siamese_cv.inference.hardware import resolve_precision
+from siamese_cv.models.ensemble import Ensemble, MultiScale, Resized, at_sizes, resize
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint, save_checkpoint
 
 PREP = Preprocessing(32, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -87,7 +87,7 @@ def test_the_embedder_embeds_stored_photos_at_the_inference_sizes():
 
 def test_onnxruntime_runs_the_same_resizing_graph_as_torch(monkeypatch, tmp_path):
     pytest.importorskip("onnxruntime")
-    from siamese_cv import onnx_export
+    from siamese_cv.inference import onnx_export
 
     monkeypatch.setenv(onnx_export.CACHE_ENV, str(tmp_path))
     model, encoded = tiny_net(), noise_photos()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 from siamese_cv.models.backbones import Backbone, get_backbone_spec
 from siamese_cv.models.pooling import AvgMax, GeM
 from siamese_cv.models.siamese import build_model, load_checkpoint, save_checkpoint
@@ -77,8 +77,8 @@ def test_a_backbone_without_a_pooling_module_says_to_use_avg():
 @pytest.mark.parametrize("kind", ["gem", "avgmax"])
 def test_the_onnxruntime_engine_pools_as_torch_does(kind):
     pytest.importorskip("onnxruntime")
-    from siamese_cv.embedding import Embedder
-    from siamese_cv.hardware import resolve_precision
+    from siamese_cv.inference.embedder import Embedder
+    from siamese_cv.inference.hardware import resolve_precision
     from siamese_cv.models.siamese import Preprocessing
 
     torch.manual_seed(2)

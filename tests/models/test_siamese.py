@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 from siamese_cv.models.siamese import build_model, list_heads, load_checkpoint, save_checkpoint
 
 

@@ -28,11 +28,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from test_loop import PREP, split
 
+from siamese_cv.config.params import Params, TrainParams, load_params
+from siamese_cv.core.errors import ParamsError, UserError
 from siamese_cv.data.triplets import pk_batches, random_triplets, rng_for
-from siamese_cv.errors import ParamsError, UserError
-from siamese_cv.hardware import resolve_precision
+from siamese_cv.inference.hardware import resolve_precision
 from siamese_cv.models.siamese import build_model
-from siamese_cv.params import Params, TrainParams, load_params
 from siamese_cv.training.distributed import SINGLE, World
 from siamese_cv.training.launch import RankUserError, launch
 from siamese_cv.training.launch import train as launch_train

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from siamese_cv.config.params import TrainParams
 from siamese_cv.data.triplets import pk_batches, random_triplets, rng_for
-from siamese_cv.hardware import resolve_precision
+from siamese_cv.inference.hardware import resolve_precision
 from siamese_cv.models.siamese import Preprocessing, build_model
-from siamese_cv.params import TrainParams
 from siamese_cv.training import loop
 from siamese_cv.training.loop import Schedule, SplitImages, fit
 
@@ -80,8 +80,8 @@ def run(
 
 def val_map_at_r(model: torch.nn.Module, prep: Preprocessing = PREP) -> float:
     """MAP@R of the validation split as the shared embedder embeds it with `model`."""
-    from siamese_cv.embedding import Embedder
     from siamese_cv.evaluation.metrics import retrieval_metrics
+    from siamese_cv.inference.embedder import Embedder
 
     val = split(4, 1)
     embedder = Embedder(model, prep, resolve_precision("fp32", torch.device("cpu")))
@@ -125,7 +125,7 @@ def test_cached_prefix_trains_exactly_like_the_images(monkeypatch):
 
 
 def test_an_onnxruntime_filled_cache_trains_like_the_torch_one(monkeypatch):
-    from siamese_cv import embedding
+    from siamese_cv.inference import embedder as embedding
 
     sessions = []
     real_session = embedding._ort_session

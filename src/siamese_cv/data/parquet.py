@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from siamese_cv.errors import UserError
-from siamese_cv.io import atomic_path
+from siamese_cv.core.atomic import atomic_path
+from siamese_cv.core.errors import UserError
 
 RAW_SCHEMA = pa.schema(
     [

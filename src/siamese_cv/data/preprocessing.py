@@ -1,7 +1,7 @@
 """Raw splits -> resized, re-encoded parquet splits, in parallel, with a report of what was skipped.
 
 With `preprocess.shards: N` > 1 each split's rows are cut into N contiguous ranges; shard i's
-process writes the resized rows of range i of every split as a piece (see `siamese_cv.shards`),
+process writes the resized rows of range i of every split as a piece (see `siamese_cv.core.shards`),
 and the pieces are concatenated in shard order into the same `<split>.parquet` files, row groups
 and bytes, that one shard writes.
 """
@@ -20,18 +20,10 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from siamese_cv.data.images import ImageError, prepare_image
-from siamese_cv.data.parquet import (
-    PROCESSED_SCHEMA,
-    count_rows,
-    iter_batches,
-    iter_row_range,
-    write_rows,
-)
-from siamese_cv.errors import UserError
-from siamese_cv.io import atomic_path
-from siamese_cv.params import SPLITS, PreprocessParams
-from siamese_cv.shards import (
+from siamese_cv.config.params import SPLITS, PreprocessParams
+from siamese_cv.core.atomic import atomic_path
+from siamese_cv.core.errors import UserError
+from siamese_cv.core.shards import (
     SHARDS_ROOT,
     ShardStore,
     code_digest,
@@ -40,6 +32,14 @@ from siamese_cv.shards import (
     make_key,
     run_shards,
     shard_range,
+)
+from siamese_cv.data.images import ImageError, prepare_image
+from siamese_cv.data.parquet import (
+    PROCESSED_SCHEMA,
+    count_rows,
+    iter_batches,
+    iter_row_range,
+    write_rows,
 )
 
 STORE = SHARDS_ROOT / "preprocess"

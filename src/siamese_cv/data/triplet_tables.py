@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from siamese_cv.config.params import TripletParams
+from siamese_cv.core.atomic import atomic_path
+from siamese_cv.core.errors import UserError
 from siamese_cv.data.parquet import read_labels
 from siamese_cv.data.triplets import pk_batches, random_triplets, rng_for
-from siamese_cv.errors import UserError
-from siamese_cv.io import atomic_path
-from siamese_cv.params import TripletParams
 
 _ABC = ("anchor", "positive", "negative")
 

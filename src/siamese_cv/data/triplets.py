@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 
 _STREAM = {"train": 0, "validation": 1, "test": 2, "pk": 3}
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 
 # Elements of one similarity slab (query chunk x reference rows): 2**25 float32 = 128 MiB.
 _SLAB_ELEMENTS = 2**25

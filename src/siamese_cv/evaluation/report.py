@@ -16,7 +16,8 @@ from PIL import Image
 from siamese_cv.evaluation import figures
 from siamese_cv.evaluation.metrics import neighbour_confusion
 from siamese_cv.evaluation.scoring import TestSet
-from siamese_cv.search import top_k
+from siamese_cv.retrieval.grid import search_grid
+from siamese_cv.retrieval.index import top_k
 
 N_TRIPLETS = 6
 N_QUERIES = 4
@@ -81,7 +82,7 @@ def write_figures(
             for i, s in zip(hits, scores, strict=True)
         ]
         written.append(
-            figures.search_grid(
+            search_grid(
                 Image.open(io.BytesIO(images[queries[q]])),
                 names[queries[q]],
                 results,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from siamese_cv import paths
+from siamese_cv.core import paths
 from siamese_cv.data.parquet import read_table
 from siamese_cv.data.triplet_tables import read_triplets
 from siamese_cv.evaluation.metrics import (

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from siamese_cv.errors import UserError
-from siamese_cv.io import atomic_path
+from siamese_cv.config.params import ModelParams
+from siamese_cv.core.atomic import atomic_path
+from siamese_cv.core.errors import UserError
 from siamese_cv.models.backbones import Backbone, get_backbone_spec, load_weights_file
 from siamese_cv.models.siamese import state_fingerprint
-from siamese_cv.params import ModelParams
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "pretrained.json"

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from siamese_cv.errors import UserError
-from siamese_cv.io import atomic_path, write_json
+from siamese_cv.core.atomic import atomic_path, write_json
+from siamese_cv.core.errors import UserError
 from siamese_cv.models.backbones import Backbone, get_backbone_spec
-from siamese_cv.models.multiscale import Ensemble
+from siamese_cv.models.ensemble import Ensemble
 
 _HEADS: dict[str, Callable[[int, int], nn.Module]] = {}
 

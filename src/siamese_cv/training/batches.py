@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from siamese_cv.embedding import decode_batch, to_tensor
+from siamese_cv.inference.embedder import decode_batch, to_tensor
 from siamese_cv.models.siamese import Preprocessing
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 
 TORCHRUN_VARIABLES = ("LOCAL_RANK", "WORLD_SIZE")
 

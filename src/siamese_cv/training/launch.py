@@ -17,9 +17,9 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from siamese_cv._logs import quiet_loggers
-from siamese_cv.errors import UserError
-from siamese_cv.params import Params
+from siamese_cv.config.params import Params
+from siamese_cv.core.errors import UserError
+from siamese_cv.core.logs import quiet_loggers
 from siamese_cv.training.distributed import World, barrier, launched, process_group, rank_device
 from siamese_cv.training.run import train_and_save
 

@@ -24,17 +24,17 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from siamese_cv.embedding import Embedder
-from siamese_cv.errors import UserError
+from siamese_cv.config.params import TrainParams
+from siamese_cv.core.errors import UserError
 from siamese_cv.evaluation.metrics import (
     expected_triplet_accuracy,
     retrieval_metrics,
     triplet_accuracy,
 )
-from siamese_cv.hardware import Precision
-from siamese_cv.models.multiscale import mean_of_normalised
+from siamese_cv.inference.embedder import Embedder
+from siamese_cv.inference.hardware import Precision
+from siamese_cv.models.ensemble import mean_of_normalised
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
-from siamese_cv.params import TrainParams
 from siamese_cv.training import distributed
 from siamese_cv.training.batches import StepDataset, augmented_batches
 from siamese_cv.training.distributed import SINGLE, World

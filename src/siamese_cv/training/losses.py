@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pytorch_metric_learning import distances, losses, miners, reducers
 from torch import nn
 
-from siamese_cv.errors import UserError
-from siamese_cv.params import PROXY_LOSSES
+from siamese_cv.config.params import PROXY_LOSSES
+from siamese_cv.core.errors import UserError
 
 
 @dataclass(frozen=True)

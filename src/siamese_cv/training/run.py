@@ -14,15 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from siamese_cv import __version__, paths
+from siamese_cv import __version__
+from siamese_cv.config.params import Params, member_sizes, parse_freeze
+from siamese_cv.core import paths
+from siamese_cv.core.errors import UserError
 from siamese_cv.data.parquet import read_table
 from siamese_cv.data.triplet_tables import read_schedule, read_triplets
-from siamese_cv.errors import UserError
-from siamese_cv.hardware import resolve_device, resolve_precision, seed_everything
-from siamese_cv.models.multiscale import Ensemble, mean_of_normalised
+from siamese_cv.inference.hardware import resolve_device, resolve_precision, seed_everything
+from siamese_cv.models.ensemble import Ensemble, mean_of_normalised
 from siamese_cv.models.pretrained import load_pretrained
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing, save_checkpoint
-from siamese_cv.params import Params, member_sizes, parse_freeze
 from siamese_cv.training.distributed import SINGLE, World
 from siamese_cv.training.loop import Schedule, SplitImages, fit, validation_scores
 

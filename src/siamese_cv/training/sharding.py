@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from siamese_cv.errors import UserError
-from siamese_cv.params import SPLITS
+from siamese_cv.config.params import SPLITS
+from siamese_cv.core.errors import UserError
 
 SPLIT_ALIASES = {
     "train": "train",

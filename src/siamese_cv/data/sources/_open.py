@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 
 from ._common import Record, SourceInfo
 from .csv_manifest import _open_csv

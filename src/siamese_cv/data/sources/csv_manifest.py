@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 
 from ._common import (
     SPLIT_ALIASES,

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from siamese_cv._logs import quiet_loggers
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
+from siamese_cv.core.logs import quiet_loggers
 
 from ._common import SPLIT_ALIASES, Record, SourceInfo, _read, stratified_holdout
 

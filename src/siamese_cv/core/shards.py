@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from siamese_cv.errors import UserError
-from siamese_cv.io import atomic_path, read_json, write_json
+from siamese_cv.core.atomic import atomic_path, read_json, write_json
+from siamese_cv.core.errors import UserError
 
 SHARDS_ROOT = Path("data/.shards")
 DONE = "done.json"

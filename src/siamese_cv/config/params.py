@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from siamese_cv.errors import ParamsError
+from siamese_cv.core.errors import ParamsError
 
 PROXY_LOSSES = ("normalized_softmax", "proxy_anchor")  # one learned vector per class, no miner
-ENGINES = ("torch", "onnxruntime")  # what runs the embedder's network (siamese_cv.embedding)
+ENGINES = ("torch", "onnxruntime")  # what runs the embedder's network (siamese_cv.inference.embedder)
 
 PARAMS_FILE = "params.yaml"
 

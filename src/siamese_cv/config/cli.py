@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from siamese_cv.errors import ParamsError, UserError, run_cli
-from siamese_cv.params import PARAMS_FILE, Params, load_params
+from siamese_cv.config.params import PARAMS_FILE, Params, load_params
+from siamese_cv.core.errors import ParamsError, UserError, run_cli
 
 
 def _parse_override(text: str) -> tuple[list[str], object]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 
 CACHE_ENV = "SIAMESE_CV_CACHE"
 KEEP = 8  # exports kept; a Lite2 export is about 25 MB, a ResNet-50 one about 100 MB

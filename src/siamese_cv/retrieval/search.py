@@ -3,7 +3,7 @@
 `siamese-search QUERY_IMAGE [--top 20] [--json] [--grid out.png] [--index exact|ivf]` is the
 original notebook's search, but vectorised: one matrix product and a partial sort instead of a
 Python loop (`exact`), or a FAISS IVF index for galleries too large for that (`ivf
-[--nprobe N]`; see `siamese_cv.index`). By default it uses the index the index_gallery stage
+[--nprobe N]`; see `siamese_cv.retrieval.index`). By default it uses the index the index_gallery stage
 saved in data/index (`search.index` in params.yaml), so a large gallery's index is trained once.
 `--engine onnxruntime` embeds the query with ONNX Runtime instead of torch.
 """
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from siamese_cv import paths
-from siamese_cv.errors import UserError, run_cli
-from siamese_cv.gallery import Gallery, load_gallery
-from siamese_cv.index import (
+from siamese_cv.config.params import ENGINES
+from siamese_cv.core import paths
+from siamese_cv.core.errors import UserError, run_cli
+from siamese_cv.retrieval.gallery import Gallery, load_gallery
+from siamese_cv.retrieval.index import (
     KINDS,
     ExactIndex,
     Index,
@@ -31,9 +32,8 @@ from siamese_cv.index import (
     normalize_rows,
     top_k,
 )
-from siamese_cv.params import ENGINES
 
-__all__ = ["Hit", "top_k", "search_gallery", "embed_query", "main", "cli"]
+__all__ = ["Hit", "search_gallery", "embed_query", "main", "cli"]
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,12 @@ def embed_query(path: Path, model_dir: Path, gallery: Gallery, engine: str = "to
     """Embed one photo with the trained model, exactly as the gallery was embedded.
 
     Args:
-        engine: what runs the network (`siamese_cv.params.ENGINES`); onnxruntime first
+        engine: what runs the network (`siamese_cv.config.params.ENGINES`); onnxruntime first
             exports the model to ONNX, which takes seconds.
     """
     from siamese_cv.data.images import ImageError, load_rgb
-    from siamese_cv.embedding import Embedder
-    from siamese_cv.hardware import resolve_device, resolve_precision
+    from siamese_cv.inference.embedder import Embedder
+    from siamese_cv.inference.hardware import resolve_device, resolve_precision
     from siamese_cv.models.siamese import Preprocessing, load_checkpoint
 
     model, config = load_checkpoint(model_dir)
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     hits = search_gallery(gallery, query, args.top, index, args.nprobe)
     if args.grid:
-        from siamese_cv.search_grid import draw_search_grid
+        from siamese_cv.retrieval.grid import draw_search_grid
 
         draw_search_grid(args.query, hits, gallery, args.processed, args.grid)
     if args.json:

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from siamese_cv.errors import UserError
-from siamese_cv.io import atomic_path
+from siamese_cv.core.atomic import atomic_path
+from siamese_cv.core.errors import UserError
 
 KINDS = ("exact", "ivf")
 INDEX_META = "index.json"

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from siamese_cv.errors import run_cli
-from siamese_cv.params import PARAMS_FILE, Params, load_params
+from siamese_cv.config.params import PARAMS_FILE, Params, load_params
+from siamese_cv.core.errors import run_cli
 
 
 def stage_params(argv: Sequence[str] | None, description: str) -> Params:
@@ -23,7 +23,7 @@ def stage_args(
     """Parse a stage's arguments; a `sharded` stage also takes the options of one shard's run.
 
     `--shard I --key K --workers W` are what a sharded stage passes to its own shard processes
-    (see `siamese_cv.shards`); without `--shard` the stage runs whole.
+    (see `siamese_cv.core.shards`); without `--shard` the stage runs whole.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(

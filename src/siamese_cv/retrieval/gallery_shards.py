@@ -3,7 +3,7 @@
 Shard i embeds rows `shard_range(n, i, N, align=export.batch_size)` of each split in
 `export.splits`: its boundaries fall on batch boundaries, so every forward pass holds the same
 images as in a single-shard run, and the merged gallery's vectors are those of a single run.
-Pieces are resumable as in `siamese_cv.shards`: a killed shard is the only one run again.
+Pieces are resumable as in `siamese_cv.core.shards`: a killed shard is the only one run again.
 On a machine with several GPUs each running shard gets its own (`CUDA_VISIBLE_DEVICES`); on a
 CPU the shards share the cores, one thread each per running shard's share.
 """
@@ -20,12 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from siamese_cv import paths
-from siamese_cv.data.parquet import count_rows, iter_row_range
-from siamese_cv.errors import UserError
-from siamese_cv.gallery import EMBEDDINGS, GALLERY_ROW_GROUP, gallery_table, write_gallery_rows
-from siamese_cv.io import read_json
-from siamese_cv.shards import (
+from siamese_cv.core import paths
+from siamese_cv.core.atomic import read_json
+from siamese_cv.core.errors import UserError
+from siamese_cv.core.shards import (
     SHARDS_ROOT,
     ShardStore,
     code_digest,
@@ -35,6 +33,13 @@ from siamese_cv.shards import (
     run_shards,
     shard_range,
 )
+from siamese_cv.data.parquet import count_rows, iter_row_range
+from siamese_cv.retrieval.gallery import (
+    EMBEDDINGS,
+    GALLERY_ROW_GROUP,
+    gallery_table,
+    write_gallery_rows,
+)
 
 STORE = SHARDS_ROOT / "export_gallery"
 
@@ -43,7 +48,8 @@ def export_key(export: Any, processed: Path = paths.PROCESSED, model: Path = pat
     """The pieces' key: model fingerprint, processed images, parameters, code, torch version."""
     import torch
 
-    from siamese_cv import embedding, gallery
+    from siamese_cv.inference import embedder as embedding
+    from siamese_cv.retrieval import gallery
 
     config = read_json(model / "config.json")
     return make_key(

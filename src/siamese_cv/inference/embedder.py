@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from siamese_cv.config.params import ENGINES
+from siamese_cv.core.errors import UserError
 from siamese_cv.data.parquet import iter_batches
-from siamese_cv.errors import UserError
-from siamese_cv.hardware import Precision
-from siamese_cv.models.multiscale import at_sizes
+from siamese_cv.inference.hardware import Precision
+from siamese_cv.inference.onnx_export import exported
+from siamese_cv.models.ensemble import at_sizes
 from siamese_cv.models.siamese import Preprocessing
-from siamese_cv.onnx_export import exported
-from siamese_cv.params import ENGINES
 
 ONNX_PACKAGES = "onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2"  # as requirements.txt pins
 
@@ -62,7 +62,7 @@ class Embedder:
     Args:
         model: maps [B, 3, H, W] to [B, D]; put in eval mode here, whatever it was.
         prep: the preprocessing the model was trained with; with `input_sizes`, the model runs
-            inside a wrapper that resizes the stored-size batch (`models/multiscale.py`).
+            inside a wrapper that resizes the stored-size batch (`models/ensemble.py`).
         precision: device, autocast dtype and memory format (see `hardware.resolve_precision`);
             the onnxruntime engine runs fp32 on the CPU and records that as its precision.
         batch_size: images per forward pass.

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from siamese_cv.errors import UserError
+from siamese_cv.core.errors import UserError
 
 
 @functools.lru_cache(maxsize=1)
