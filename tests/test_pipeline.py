@@ -200,7 +200,7 @@ def test_an_ensemble_trains_each_member_and_embeds_with_their_mean(project):
     from siamese_cv.inference.hardware import resolve_precision
     from siamese_cv.models.ensemble import Ensemble
     from siamese_cv.models.siamese import Preprocessing, load_checkpoint
-    from siamese_cv.training.loop import validation_scores
+    from siamese_cv.training.validation import validation_scores
 
     settings = ("train.members=2", "model.inference_sizes=[[64], [96]]")
     run(project, "siamese-params", "apply", *[a for s in settings for a in ("--set", s)])

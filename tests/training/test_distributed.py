@@ -36,7 +36,8 @@ from siamese_cv.models.siamese import build_model
 from siamese_cv.training.distributed import SINGLE, World
 from siamese_cv.training.launch import RankUserError, launch
 from siamese_cv.training.launch import train as launch_train
-from siamese_cv.training.loop import Schedule, fit
+from siamese_cv.training.loop import fit
+from siamese_cv.training.settings import FitData, FitSettings, Schedule
 from siamese_cv.training.sharding import share_of
 
 WORLD = 2
@@ -80,14 +81,8 @@ def _fit(name: str, world: World) -> tuple[dict[str, torch.Tensor], list[dict]]:
     result = fit(
         model,
         PREP,
-        train,
-        val,
-        Schedule(epochs, not pk),
-        val_triplets,
-        params,
-        precision,
-        batch_size_eval=16,
-        world=world,
+        FitData(train, val, Schedule(epochs, not pk), val_triplets),
+        FitSettings(params, precision, batch_size_eval=16, world=world),
     )
     assert result.cached_features
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}

@@ -12,8 +12,9 @@ from siamese_cv.config.params import TrainParams
 from siamese_cv.data.triplets import pk_batches, random_triplets, rng_for
 from siamese_cv.inference.hardware import resolve_precision
 from siamese_cv.models.siamese import Preprocessing, build_model
-from siamese_cv.training import loop
-from siamese_cv.training.loop import Schedule, SplitImages, fit
+from siamese_cv.training import feature_cache, optimisation
+from siamese_cv.training.loop import fit
+from siamese_cv.training.settings import FitData, FitSettings, Schedule, SplitImages
 
 PREP = Preprocessing(32, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 COLOURS = [(140, 115, 115), (115, 140, 115), (115, 115, 140)]  # subtle: noise is larger
@@ -66,15 +67,14 @@ def run(
     return fit(
         model,
         prep,
-        train,
-        val,
-        Schedule(epochs, not pk),
-        val_triplets,
-        params,
-        precision,
-        batch_size_eval=16,
-        cache_engine=cache_engine,
-        embed_from=embed_from,
+        FitData(train, val, Schedule(epochs, not pk), val_triplets),
+        FitSettings(
+            params,
+            precision,
+            batch_size_eval=16,
+            cache_engine=cache_engine,
+            embed_from=embed_from,
+        ),
     )
 
 
@@ -116,7 +116,7 @@ def test_training_learns_colours_and_keeps_the_best_epoch():
 def test_cached_prefix_trains_exactly_like_the_images(monkeypatch):
     params = TrainParams(epochs=2, lr=3e-3, workers=0)
     cached = run(params, freeze=1)
-    monkeypatch.setattr(loop, "CACHE_BUDGET_BYTES", 0)
+    monkeypatch.setattr(feature_cache, "CACHE_BUDGET_BYTES", 0)
     plain = run(params, freeze=1)
     assert cached.cached_features and not plain.cached_features
     for a, b in zip(cached.history, plain.history, strict=True):
@@ -142,18 +142,18 @@ def test_an_onnxruntime_filled_cache_trains_like_the_torch_one(monkeypatch):
         assert a["val_map_at_r"] == pytest.approx(b["val_map_at_r"], abs=1e-3)
 
 
-def test_a_cache_too_small_for_every_view_keeps_as_many_as_fit(monkeypatch, capsys):
+def test_a_cache_too_small_for_every_view_keeps_as_many_as_fit(monkeypatch, caplog):
     torch.manual_seed(0)
     model, _ = build_model("tiny", "linear", 16)
     model.freeze(1)
     per_image = 4 * model.split_frozen()[0].eval()(torch.zeros(1, 3, 32, 32)).numel()
     n_train, n_val = 3 * 8, 3 * 4  # run()'s splits
-    monkeypatch.setattr(loop, "CACHE_BUDGET_BYTES", per_image * (2 * n_train + n_val))
+    monkeypatch.setattr(feature_cache, "CACHE_BUDGET_BYTES", per_image * (2 * n_train + n_val))
     params = TrainParams(epochs=1, lr=3e-3, workers=0, augment=True, augment_views=5)
     result = run(params, freeze=1, pk=True)
     assert result.cached_features and result.cached_views == 2
-    assert "5 augmented views of 24 images would need" in capsys.readouterr().err
-    monkeypatch.setattr(loop, "CACHE_BUDGET_BYTES", per_image * (n_train + n_val) - 1)
+    assert "5 augmented views of 24 images would need" in caplog.text
+    monkeypatch.setattr(feature_cache, "CACHE_BUDGET_BYTES", per_image * (n_train + n_val) - 1)
     assert not run(params, freeze=1, pk=True).cached_features
 
 
@@ -187,10 +187,10 @@ def test_the_optimizer_trains_a_proxy_loss_at_its_own_learning_rate():
 
     model, _ = build_model("tiny", "linear", 16)
     proxies = build_loss("proxy_anchor", 0.1, num_classes=3, dim=16)
-    optimizer = loop._optimizer(model, TrainParams(lr=1e-3), proxies)
+    optimizer = optimisation.build_optimizer(model, TrainParams(lr=1e-3), proxies)
     assert [g["lr"] for g in optimizer.param_groups][-1] == pytest.approx(0.1)
     assert optimizer.param_groups[-1]["params"] == list(proxies.parameters())
-    optimizer = loop._optimizer(model, TrainParams(lr=1e-3, proxy_lr=0.05), proxies)
+    optimizer = optimisation.build_optimizer(model, TrainParams(lr=1e-3, proxy_lr=0.05), proxies)
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(0.05)
 
 
@@ -253,12 +253,62 @@ def test_validation_embeds_at_the_inference_sizes_as_the_exported_model_will(fre
     assert at_sizes.best["val_map_at_r"] > untrained_map_at_r() + 0.15
 
 
+def lr_factors(params: TrainParams, steps_per_epoch: int, steps: int) -> list[float]:
+    """The rate of each of `steps` optimiser steps under `lr_schedule`, as a fraction of train.lr."""
+    model, _ = build_model("tiny", "linear", 16)
+    optimizer = optimisation.build_optimizer(model, params, torch.nn.Identity())
+    scheduler = optimisation.lr_schedule(optimizer, params, steps_per_epoch)
+    factors = []
+    for _ in range(steps):
+        factors.append(optimizer.param_groups[0]["lr"] / params.lr)
+        optimizer.step()
+        scheduler.step()
+    return factors
+
+
+def hand_written_factor(params: TrainParams, steps_per_epoch: int, step: int) -> float:
+    """The schedule as this project wrote it by hand before it used torch's schedulers."""
+    total = max(1, (params.schedule_epochs or params.epochs) * steps_per_epoch)
+    warmup = int(params.warmup_epochs * steps_per_epoch)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if params.scheduler == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress)))
+    return 1.0
+
+
+@pytest.mark.parametrize("scheduler", ["none", "cosine"])
+@pytest.mark.parametrize("warmup_epochs", [0.0, 0.5, 1.0, 2.5])
+@pytest.mark.parametrize(("epochs", "schedule_epochs"), [(1, 0), (3, 0), (3, 5)])
+@pytest.mark.parametrize("steps_per_epoch", [1, 4, 7])
+def test_torch_schedulers_give_the_hand_written_rates(
+    scheduler, warmup_epochs, epochs, schedule_epochs, steps_per_epoch
+):
+    """Every step's rate: the same to 1e-12, and the same float32 (the weights' dtype)."""
+    params = TrainParams(
+        epochs=epochs,
+        lr=3e-3,
+        scheduler=scheduler,
+        warmup_epochs=warmup_epochs,
+        schedule_epochs=schedule_epochs,
+    )
+    steps = epochs * steps_per_epoch + 1  # and the rate after the last step, which is logged
+    library = lr_factors(params, steps_per_epoch, steps)
+    by_hand = [hand_written_factor(params, steps_per_epoch, s) for s in range(steps)]
+    assert library == pytest.approx(by_hand, rel=1e-12, abs=1e-15)
+    assert np.array_equal(
+        np.float32(np.array(library) * params.lr), np.float32(np.array(by_hand) * params.lr)
+    )
+
+
 def test_a_longer_schedule_stops_training_before_the_decay_ends():
     """`train.schedule_epochs`: the cosine spans 12 epochs, training stops after 8 of them."""
     cosine = TrainParams(epochs=8, scheduler="cosine", warmup_epochs=1.0)
-    full = loop._lr_lambda(cosine, 10)
-    truncated = loop._lr_lambda(replace(cosine, schedule_epochs=12), 10)
-    assert full(0) == truncated(0) == pytest.approx(0.1)  # the same warm-up
-    assert full(80) == pytest.approx(0.0, abs=1e-12)
-    assert truncated(80) == pytest.approx(0.5 * (1 + np.cos(np.pi * 70 / 110)))  # about 0.29
-    assert truncated(120) == pytest.approx(0.0, abs=1e-12)
+    full = lr_factors(cosine, 10, 81)
+    truncated = lr_factors(replace(cosine, schedule_epochs=12), 10, 121)
+    assert full[0] == truncated[0] == pytest.approx(0.1)  # the same warm-up
+    assert full[9] == truncated[9] == pytest.approx(1.0)
+    assert full[80] == pytest.approx(0.0, abs=1e-12)
+    assert truncated[80] == pytest.approx(0.5 * (1 + np.cos(np.pi * 70 / 110)))  # about 0.29
+    assert truncated[120] == pytest.approx(0.0, abs=1e-12)

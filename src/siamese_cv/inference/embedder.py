@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
@@ -24,12 +26,15 @@ from PIL import Image
 from torch import nn
 
 from siamese_cv.config.params import ENGINES
+from siamese_cv.core import logs
 from siamese_cv.core.errors import UserError
-from siamese_cv.data.parquet import iter_batches
+from siamese_cv.data.parquet import count_rows, iter_batches
 from siamese_cv.inference.hardware import Precision
 from siamese_cv.inference.onnx_export import exported
 from siamese_cv.models.ensemble import at_sizes
 from siamese_cv.models.siamese import Preprocessing
+
+log = logging.getLogger(__name__)
 
 ONNX_PACKAGES = "onnxruntime==1.32.0 onnx==1.23.2 onnxscript==0.7.2"  # as requirements.txt pins
 
@@ -118,11 +123,24 @@ class Embedder:
             out = torch.nn.functional.normalize(out, dim=1)
         return out.cpu().numpy()
 
-    def embed_encoded(self, encoded: Iterable[bytes]) -> np.ndarray:
-        """Embed image bytes, decoding the next batch while the current one runs."""
+    def embed_encoded(
+        self, encoded: Iterable[bytes], progress: str | None = None, total: int | None = None
+    ) -> np.ndarray:
+        """Embed image bytes, decoding the next batch while the current one runs.
+
+        Args:
+            progress: a label: show a bar under it while embedding, and log a summary line.
+            total: how many images `encoded` holds, for the bar (default: its length, if any).
+        """
+        if total is None and isinstance(encoded, Sized):
+            total = len(encoded)
         return self.embed_batches(
-            functools.partial(decode_batch, chunk, self.prep)
-            for chunk in _chunks(encoded, self.batch_size)
+            (
+                functools.partial(decode_batch, chunk, self.prep)
+                for chunk in _chunks(encoded, self.batch_size)
+            ),
+            total,
+            progress,
         )
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -130,30 +148,63 @@ class Embedder:
         outs = [self.embed_tensor(to_tensor(chunk, self.prep)) for chunk in chunks]
         return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
-    def embed_parquet(self, path: Path) -> np.ndarray:
-        """Embed every image of a processed split, streaming it row group by row group."""
+    def embed_parquet(self, path: Path, progress: str | None = None) -> np.ndarray:
+        """Embed every image of a processed split, streaming it row group by row group.
+
+        Args:
+            progress: as in `embed_encoded`.
+        """
 
         def encoded() -> Iterator[bytes]:
             for batch in iter_batches(path, ["image"], self.batch_size):
                 yield from batch.column(0).to_pylist()
 
-        return self.embed_encoded(encoded())
+        return self.embed_encoded(encoded(), progress, count_rows(path) if progress else None)
 
-    def embed_batches(self, makers: Iterable[Callable[[], torch.Tensor]]) -> np.ndarray:
-        """Embed the batches `makers` build, building the next (in a thread) while one runs."""
+    def embed_batches(
+        self,
+        makers: Iterable[Callable[[], torch.Tensor]],
+        total: int | None = None,
+        progress: str | None = None,
+    ) -> np.ndarray:
+        """Embed the batches `makers` build, building the next (in a thread) while one runs.
+
+        Args:
+            makers: each returns one preprocessed batch.
+            total: how many images the batches hold, for the bar (None: unknown).
+            progress: a label: show a bar (images, rate, time left) under it while embedding,
+                and log `<label>: N images in S s` when done.
+        """
         outs: list[np.ndarray] = []
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        started = time.perf_counter()
+        bar = logs.progress(total=total, desc=progress, unit="img", enabled=progress is not None)
+
+        def embed(batch: torch.Tensor) -> None:
+            outs.append(self.embed_tensor(batch))
+            bar.update(len(outs[-1]))
+
+        with bar, ThreadPoolExecutor(max_workers=1) as pool:
             pending = None
             for make in makers:
                 future = pool.submit(make)
                 if pending is not None:
-                    outs.append(self.embed_tensor(pending.result()))
+                    embed(pending.result())
                 pending = future
             if pending is not None:
-                outs.append(self.embed_tensor(pending.result()))
+                embed(pending.result())
         if not outs:
             raise ValueError("nothing to embed")
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        vectors = np.concatenate(outs).astype(np.float32, copy=False)
+        if progress is not None:
+            seconds = time.perf_counter() - started
+            log.info(
+                "%s: %d images in %.1f s (%.0f images/s)",
+                progress,
+                len(vectors),
+                seconds,
+                len(vectors) / max(seconds, 1e-9),
+            )
+        return vectors
 
 
 def import_onnxruntime() -> ModuleType:

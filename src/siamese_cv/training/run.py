@@ -25,7 +25,9 @@ from siamese_cv.models.ensemble import Ensemble, mean_of_normalised
 from siamese_cv.models.pretrained import load_pretrained
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing, save_checkpoint
 from siamese_cv.training.distributed import SINGLE, World
-from siamese_cv.training.loop import Schedule, SplitImages, fit, validation_scores
+from siamese_cv.training.loop import fit
+from siamese_cv.training.settings import FitData, FitSettings, Schedule, SplitImages
+from siamese_cv.training.validation import validation_scores
 
 
 def library_versions() -> dict[str, str]:
@@ -115,24 +117,20 @@ def train_and_save(
             seed_everything(member_params.seed)
             model, card, frozen = _pretrained_model(params)
             prep = replace(preprocessing_of(params, card), input_sizes=own_sizes)
-            result = fit(
-                model,
-                prep,
-                train_images,
-                val_images,
-                Schedule(steps[k * tp.epochs : (k + 1) * tp.epochs], are_triplets),
-                val_triplets,
+            settings = FitSettings(
                 member_params,
                 precision,
-                log,
                 batch_size_eval=params.evaluate.batch_size,
                 world=world,
                 cache_precision=resolve_precision(params.evaluate.precision, precision.device),
                 cache_engine=params.evaluate.engine,
                 embed_from=params.model.embed_from,
-                cache=cache,
-                cache_sizes=[s for own in sizes for s in own],
+                cache_sizes=tuple(s for own in sizes for s in own),
+                name=f"train: member {k + 1} of {len(sizes)}" if len(sizes) > 1 else "train",
             )
+            schedule = Schedule(steps[k * tp.epochs : (k + 1) * tp.epochs], are_triplets)
+            data = FitData(train_images, val_images, schedule, val_triplets)
+            result = fit(model, prep, data, settings, log, cache)
             cache = result.cache
             if params.model.embed_from == "pooled":
                 model.drop_head()
