@@ -5,7 +5,9 @@ original notebook's search, but vectorised: one matrix product and a partial sor
 Python loop (`exact`), or a FAISS IVF index for galleries too large for that (`ivf
 [--nprobe N]`; see `siamese_cv.retrieval.index`). By default it uses the index the index_gallery stage
 saved in data/index (`search.index` in params.yaml), so a large gallery's index is trained once.
-`--engine onnxruntime` embeds the query with ONNX Runtime instead of torch.
+The query is embedded as export_gallery embedded the gallery (the engine and precision in its
+meta.json); `--engine` overrides the engine. It is one query through `SearchEngine`
+(`siamese_cv.retrieval.engine`), the path `siamese-serve` answers many with.
 """
 
 from __future__ import annotations
@@ -14,113 +16,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from siamese_cv.config.params import ENGINES
 from siamese_cv.core import paths
 from siamese_cv.core.errors import UserError, run_cli
-from siamese_cv.retrieval.gallery import Gallery, load_gallery
-from siamese_cv.retrieval.index import (
-    KINDS,
-    ExactIndex,
-    Index,
-    build_index,
-    load_index,
-    normalize_rows,
-    top_k,
-)
+from siamese_cv.retrieval.engine import Hit, SearchEngine
+from siamese_cv.retrieval.index import KINDS
 
-__all__ = ["Hit", "search_gallery", "embed_query", "main", "cli"]
-
-
-@dataclass(frozen=True)
-class Hit:
-    rank: int
-    id: str
-    label_name: str
-    score: float
-
-
-def search_gallery(
-    gallery: Gallery,
-    query_vector: np.ndarray,
-    k: int,
-    index: Index | None = None,
-    nprobe: int | None = None,
-) -> list[Hit]:
-    """The gallery's `k` best hits for one query vector.
-
-    Args:
-        index: built from `gallery.vectors` (`build_index`); None searches them exactly.
-        nprobe: IVF lists to scan for this query (ivf indexes only).
-    """
-    if index is None:
-        if nprobe is not None:
-            raise ValueError("nprobe needs an ivf index; pass index=build_index(..., kind='ivf')")
-        ids, scores = top_k(gallery.vectors, query_vector, k)
-    else:
-        if index.ntotal != len(gallery.ids):
-            raise ValueError(
-                f"the index holds {index.ntotal} vectors, the gallery "
-                f"{len(gallery.ids)}; build the index from this gallery's vectors"
-            )
-        ids, scores = index.search(query_vector, k, nprobe=nprobe)
-    return [
-        Hit(r + 1, gallery.ids[i], gallery.label_names[i], float(s))
-        for r, (i, s) in enumerate(zip(ids[0], scores[0], strict=True))
-    ]
-
-
-def embed_query(path: Path, model_dir: Path, gallery: Gallery, engine: str = "torch") -> np.ndarray:
-    """Embed one photo with the trained model, exactly as the gallery was embedded.
-
-    Args:
-        engine: what runs the network (`siamese_cv.config.params.ENGINES`); onnxruntime first
-            exports the model to ONNX, which takes seconds.
-    """
-    from siamese_cv.data.images import ImageError, load_rgb
-    from siamese_cv.inference.embedder import Embedder
-    from siamese_cv.inference.hardware import resolve_device, resolve_precision
-    from siamese_cv.models.siamese import Preprocessing, load_checkpoint
-
-    model, config = load_checkpoint(model_dir)
-    if config["fingerprint"] != gallery.meta.get("model_fingerprint"):
-        raise UserError(
-            f"the gallery was built with another model than {model_dir}; "
-            "run `dvc repro export_gallery`"
-        )
-    prep = Preprocessing.from_dict(config["preprocessing"])
-    try:
-        image = load_rgb(path, prep.image_size, prep.resize)
-    except (ImageError, OSError) as error:
-        raise UserError(f"{path}: cannot read the query image ({error})") from None
-    precision = resolve_precision("auto", resolve_device("auto"))
-    return Embedder(model, prep, precision, batch_size=1, engine=engine).embed_images([image])
-
-
-def choose_index(gallery: Gallery, index_dir: Path, kind: str | None) -> Index | None:
-    """The index to search: the saved one when it fits `kind` (None: whatever was saved).
-
-    Asking for `ivf` where none was saved builds one for this call (k-means: minutes on a
-    million vectors) and says how to save it; None means exact search.
-    """
-    saved = load_index(index_dir, gallery.vectors)
-    if saved is not None and kind in (None, saved.kind):
-        return saved
-    if kind in (None, "exact"):
-        return ExactIndex(normalize_rows(gallery.vectors))
-    print(
-        f"siamese-search: no saved ivf index in {index_dir}; building one for this search "
-        "(save it: set search.index: ivf and run `dvc repro index_gallery`)",
-        file=sys.stderr,
-    )
-    try:
-        return build_index(gallery.vectors, "ivf")
-    except ImportError as error:
-        raise UserError(str(error)) from None
+__all__ = ["Hit", "main", "cli"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,9 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--engine",
         choices=ENGINES,
-        default="torch",
-        help="what runs the network: torch (default) or onnxruntime (the model exported to "
-        "ONNX first, seconds; needs onnxruntime and onnxscript)",
+        help="what runs the network: torch or onnxruntime (the model exported to ONNX first, "
+        "seconds; needs onnxruntime and onnxscript); default: the one the gallery was "
+        "embedded with",
     )
     parser.add_argument(
         "--processed",
@@ -178,19 +82,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--nprobe: {args.nprobe} must be at least 1")
     if not args.query.is_file():
         raise UserError(f"{args.query}: no such image file")
-    gallery = load_gallery(args.gallery)
-    query = embed_query(args.query, args.model, gallery, args.engine)
-    index = choose_index(gallery, args.index_dir, args.index)
-    if args.nprobe is not None and index.kind != "ivf":
+    engine = SearchEngine.load(
+        model_dir=args.model,
+        gallery_dir=args.gallery,
+        index_dir=args.index_dir,
+        processed_dir=args.processed,
+        index_kind=args.index,
+        engine=args.engine,
+    )
+    if args.nprobe is not None and engine.index.kind != "ivf":
         raise UserError(
             f"--nprobe: the index in {args.index_dir} is exact; add --index ivf "
             "(or set search.index: ivf and run `dvc repro index_gallery`)"
         )
-    hits = search_gallery(gallery, query, args.top, index, args.nprobe)
-    if args.grid:
-        from siamese_cv.retrieval.grid import draw_search_grid
+    from siamese_cv.data.images import ImageError
 
-        draw_search_grid(args.query, hits, gallery, args.processed, args.grid)
+    try:
+        hits = engine.search(args.query, args.top, nprobe=args.nprobe)
+    except ImageError as error:
+        raise UserError(f"cannot read the query image ({error})") from None
+    if args.grid:
+        _draw_grid(args.query, hits, engine, args.grid)
     if args.json:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
     else:
@@ -199,6 +111,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.grid:
             print(f"grid: {args.grid}", file=sys.stderr)
     return 0
+
+
+def _draw_grid(query: Path, hits: list[Hit], engine: SearchEngine, out: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from siamese_cv.retrieval.grid import search_grid
+
+    results = [
+        {"image": Image.open(io.BytesIO(engine.image_bytes(h.id))), "label": h.label_name,
+         "score": h.score}
+        for h in hits
+    ]  # fmt: skip
+    # The query's class is unknown: frame results by agreement with the top hit's class.
+    predicted = hits[0].label_name if hits else ""
+    title = f"siamese-search: top {len(hits)} for {query.name} (predicted class)"
+    search_grid(Image.open(query), predicted, results, out, title)
 
 
 def cli() -> None:
