@@ -6,6 +6,7 @@ baseline depends only on the data, the starting weights and the evaluation setti
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from siamese_cv.config.stage import run_stage, stage_params
@@ -17,6 +18,8 @@ from siamese_cv.inference.hardware import resolve_device, resolve_precision
 from siamese_cv.models.pretrained import load_pretrained
 from siamese_cv.models.siamese import EmbeddingNet
 from siamese_cv.training.run import preprocessing_of
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{card['backbone']} ({card['weights']}), frozen, pooled {backbone.feature_dim}-d"
     )
     write_json(paths.METRICS / "baseline.json", metrics)
-    print(
+    log.info(
         f"baseline: triplet accuracy {metrics['triplet_accuracy']:.4f}, precision@1 "
         f"{metrics['precision_at_1']:.4f}, MAP@R {metrics['map_at_r']:.4f}"
     )

@@ -8,6 +8,7 @@ fingerprint, so a changed upstream dataset changes this stage's output.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from siamese_cv.core.atomic import atomic_path
 from siamese_cv.data.parquet import RAW_SCHEMA, write_splits
 from siamese_cv.data.sources import open_source
 from siamese_cv.models.pretrained import resolve_pretrained
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         (tmp / "source.json").write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
     card = resolve_pretrained(params.model, paths.PRETRAINED, params.data.seed)
-    print(
+    log.info(
         f"download: {sum(counts.values())} images ({', '.join(f'{s} {n}' for s, n in counts.items())}) "
         f"in {len(info.class_names)} classes from {info.kind} {info.location}; "
         f"{card['backbone']} weights: {card['weights']}"

@@ -6,6 +6,7 @@ retrieval metrics rank the whole test split, and the gallery metrics search the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from siamese_cv.config.stage import run_stage, stage_params
@@ -18,6 +19,8 @@ from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint
 from siamese_cv.retrieval.gallery import load_gallery
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         top=min(10, params.export.top_k),
     )
     base = metrics["baseline"]
-    print(
+    log.info(
         f"evaluate: triplet accuracy {metrics['triplet_accuracy']:.4f} ± {metrics['triplet_accuracy_std']:.4f} "
         f"(expected {metrics['expected_triplet_accuracy']:.4f}; baseline {base['triplet_accuracy']:.4f}), precision@1 {metrics['precision_at_1']:.4f} "
         f"(baseline {base['precision_at_1']:.4f}), MAP@R {metrics['map_at_r']:.4f} "

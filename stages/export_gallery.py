@@ -6,6 +6,7 @@ meta.json holds the model fingerprint, dimension and preprocessing that search c
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from siamese_cv.models.siamese import Preprocessing, load_checkpoint
 from siamese_cv.retrieval.gallery import gallery_table, write_gallery
 from siamese_cv.retrieval.gallery_shards import embed_shard, run_export_shards
 
+log = logging.getLogger(__name__)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     params, args = stage_args(argv, __doc__, sharded=True)
@@ -38,14 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.workers)  # the cores are shared by the running shards
         embedder = Embedder(model, prep, precision, export.batch_size, engine=export.engine)
         rows = embed_shard(embedder, export, args.shard, args.key)
-        print(f"export_gallery: shard {args.shard} of {export.shards}: {rows} vectors")
+        log.info(f"export_gallery: shard {args.shard} of {export.shards}: {rows} vectors")
         return 0
     embedder = Embedder(model, prep, precision, export.batch_size, engine=export.engine)
     ids, splits, labels, names, vectors = [], [], [], [], []
     for split in params.export.splits:
         path = paths.PROCESSED / f"{split}.parquet"
         table = read_table(path, ["id", "label", "label_name"])
-        vectors.append(embedder.embed_parquet(path))
+        vectors.append(embedder.embed_parquet(path, progress=f"export_gallery: {split}"))
         ids += table.column("id").to_pylist()
         splits += [split] * table.num_rows
         labels.append(table.column("label").to_numpy())
@@ -66,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_gallery(
         paths.GALLERY, gallery_table(ids, splits, np.concatenate(labels), names, matrix), meta
     )
-    print(
+    log.info(
         f"export_gallery: {matrix.shape[0]} vectors of dimension {matrix.shape[1]} "
         f"({', '.join(params.export.splits)}) -> {paths.GALLERY}"
     )
@@ -99,7 +102,7 @@ def _sharded(params: Params, params_file: str) -> int:
     # the onnxruntime engine runs on the CPU: its shards share the cores, not the GPUs
     gpus = torch.cuda.device_count() if device.type == "cuda" and export.engine == "torch" else 0
     count, dim = run_export_shards(export, meta, shard_command, gpus, available_cores())
-    print(
+    log.info(
         f"export_gallery: {count} vectors of dimension {dim} "
         f"({', '.join(export.splits)}) -> {paths.GALLERY}"
     )

@@ -8,6 +8,7 @@ an edit of `search.*` rebuilds the index without re-embedding the gallery.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from siamese_cv.config.stage import run_stage, stage_params
@@ -15,6 +16,8 @@ from siamese_cv.core import paths
 from siamese_cv.core.errors import UserError
 from siamese_cv.retrieval.gallery import load_gallery
 from siamese_cv.retrieval.index import build_index, save_index
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if search.index == "ivf" and search.nprobe:
         index.default_nprobe = min(search.nprobe, index.nlist)
     save_index(index, paths.INDEX, gallery.vectors)
-    print(f"index_gallery: {index.describe()}")
+    log.info(f"index_gallery: {index.describe()}")
     return 0
 
 

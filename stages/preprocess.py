@@ -8,6 +8,7 @@ once per shard (`--shard I`) and merges the pieces into the same files.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from siamese_cv.core import paths
 from siamese_cv.core.atomic import write_json
 from siamese_cv.core.errors import UserError
 from siamese_cv.data.preprocessing import preprocess_shard, preprocess_splits
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         kept = sum(sum(c.values()) for c in manifest["kept"].values())
         skipped = sum(map(len, manifest["skipped"].values()))
-        print(f"preprocess: shard {args.shard} of {count}: kept {kept}, skipped {skipped}")
+        log.info(f"preprocess: shard {args.shard} of {count}: kept {kept}, skipped {skipped}")
         return 0
 
     def shard_command(index: int, key: str, workers: int) -> list[str]:
@@ -45,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["problems"][0] + (f" ({more} more in {paths.DATA_REPORT})" if more else "")
         )
     kept, skipped = report["kept"]["total"], report["skipped"]["total"]
-    print(
+    log.info(
         f"preprocess: kept {kept} images, skipped {skipped}"
         + (f" (reasons in {paths.DATA_REPORT})" if skipped else "")
     )

@@ -8,11 +8,14 @@ experiment is scored on the same triplets.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from siamese_cv.config.stage import run_stage, stage_params
 from siamese_cv.core import paths
 from siamese_cv.data.triplet_tables import write_triplet_tables
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = write_triplet_tables(
         paths.PROCESSED, paths.TRIPLETS, params.triplets, params.train.sampled_epochs
     )
-    print("sample_triplets: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    log.info("sample_triplets: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
 
 

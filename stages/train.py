@@ -9,11 +9,14 @@ started by torchrun (one per node when `train.nodes` > 1) it is one of them. doc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from siamese_cv.config.stage import run_stage, stage_params
 from siamese_cv.core import paths
 from siamese_cv.training.launch import train
+
+log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = config["best"]
     members = config.get("members", [config])
     kept = ", ".join(f"{m['best_epoch']}/{params.train.epochs}" for m in members)
-    print(
+    log.info(
         f"train: best epoch {kept}: val triplet accuracy "
         f"{best['val_triplet_accuracy']:.4f}, val MAP@R {best['val_map_at_r']:.4f} "
         f"({config['train_seconds']:.0f} s, {config['precision']}, cached features: "

@@ -1,15 +1,21 @@
-"""What every stage script shares: its command line (`--params`) and a one-line error exit."""
+"""What every stage script shares: its command line (`--params`, `--verbose/--quiet`), its logging
+(configured here, once: `siamese_cv.core.logs`) and a one-line error exit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from siamese_cv.config.params import PARAMS_FILE, Params, load_params
+from siamese_cv.core import logs
 from siamese_cv.core.errors import run_cli
+
+log = logging.getLogger(__name__)
 
 
 def stage_params(argv: Sequence[str] | None, description: str) -> Params:
@@ -29,11 +35,19 @@ def stage_args(
     parser.add_argument(
         "--params", default=PARAMS_FILE, help="parameters file (default: params.yaml)"
     )
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-v", "--verbose", action="store_true", help="also log debugging detail, with times"
+    )
+    loudness.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars"
+    )
     if sharded:
         parser.add_argument("--shard", type=int, help="run only this shard (started by the stage)")
         parser.add_argument("--key", help="the shard's input key (set by the stage)")
         parser.add_argument("--workers", type=int, default=1, help="processes or threads to use")
     args = parser.parse_args(argv)
+    logs.configure("verbose" if args.verbose else "quiet" if args.quiet else None)
     shard = sharded and args.shard is not None
     if shard and not args.key:
         parser.error("--shard needs --key (shards are started by the stage itself)")
@@ -49,5 +63,5 @@ def run_stage(main: Callable[[Sequence[str] | None], int | None]) -> None:
         name = Path(sys.argv[0]).stem
         if "--shard" in sys.argv[:-1]:
             name += f" shard {sys.argv[sys.argv.index('--shard') + 1]}"
-        print(f"{name}: done in {time.perf_counter() - started:.1f} s")
+        log.info("%s: done in %.1f s", name, time.perf_counter() - started)
     sys.exit(status)

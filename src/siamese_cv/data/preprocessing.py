@@ -8,6 +8,7 @@ and bytes, that one shard writes.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -23,6 +24,7 @@ from typing import Any
 from siamese_cv.config.params import SPLITS, PreprocessParams
 from siamese_cv.core.atomic import atomic_path
 from siamese_cv.core.errors import UserError
+from siamese_cv.core.logs import progress
 from siamese_cv.core.shards import (
     SHARDS_ROOT,
     ShardStore,
@@ -41,6 +43,8 @@ from siamese_cv.data.parquet import (
     iter_row_range,
     write_rows,
 )
+
+log = logging.getLogger(__name__)
 
 STORE = SHARDS_ROOT / "preprocess"
 
@@ -95,7 +99,7 @@ def _executor(workers: int) -> Executor | None:
 
 
 def _process_rows(
-    batches: Iterator, params: PreprocessParams, pool: Executor | None, manifest: dict
+    batches: Iterator, params: PreprocessParams, pool: Executor | None, manifest: dict, bar
 ) -> Iterator[dict]:
     """Resize each row of `batches`; count kept rows and list skipped ones in `manifest`."""
     size = params.image_size
@@ -123,6 +127,7 @@ def _process_rows(
                 "width": size,
                 "height": size,
             }
+        bar.update(len(rows))
 
 
 def preprocess_range(
@@ -142,13 +147,28 @@ def preprocess_range(
     manifest: dict[str, Any] = {"kept": {s: {} for s in SPLITS}, "skipped": {s: [] for s in SPLITS}}
     for split in SPLITS:
         raw = raw_dir / f"{split}.parquet"
+        started = time.perf_counter()
         if count == 1:
+            total = count_rows(raw)
             batches = iter_batches(raw, columns, params.row_group_size)
         else:
             start, stop = shard_range(count_rows(raw), index, count)
+            total = stop - start
             batches = iter_row_range(raw, columns, start, stop, params.row_group_size)
-        rows = _process_rows(batches, params, pool, manifest)
-        write_rows(out_dir / f"{split}.parquet", PROCESSED_SCHEMA, rows, params.row_group_size)
+        # shards run side by side: their bars would overwrite one another
+        desc = f"preprocess: decoding {split}"
+        with progress(total=total, desc=desc, unit="img", enabled=count == 1) as bar:
+            rows = _process_rows(batches, params, pool, manifest, bar)
+            write_rows(out_dir / f"{split}.parquet", PROCESSED_SCHEMA, rows, params.row_group_size)
+        log.log(
+            logging.INFO if count == 1 else logging.DEBUG,
+            "preprocess: %s: kept %d, skipped %d of %d images in %.1f s",
+            split,
+            sum(manifest["kept"][split].values()),
+            len(manifest["skipped"][split]),
+            total,
+            time.perf_counter() - started,
+        )
     return manifest
 
 
@@ -238,11 +258,10 @@ def _run_sharded(
     kept = [i for i in range(count) if i not in todo]
     parallel = max(1, min(len(todo), workers))
     per_shard = max(1, workers // parallel)
-    print(
+    log.info(
         f"preprocess: {count} shards"
         + (f"; {_names(kept)} already done, kept" if kept else "")
-        + (f"; running {_names(todo)} ({parallel} at a time)" if todo else ""),
-        flush=True,
+        + (f"; running {_names(todo)} ({parallel} at a time)" if todo else "")
     )
     failed = run_shards(lambda i: shard_command(i, key, per_shard), todo, parallel)
     if failed:

@@ -73,6 +73,6 @@ def embed_splits(
     vectors, labels = [], []
     for split in splits:
         path = processed / f"{split}.parquet"
-        vectors.append(embedder.embed_parquet(path))
+        vectors.append(embedder.embed_parquet(path, progress=f"embedding {split}"))
         labels.append(read_table(path, ["label"]).column("label").to_numpy().astype(np.int64))
     return np.concatenate(vectors), np.concatenate(labels)

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from siamese_cv.config.params import Params
+from siamese_cv.core import logs
 from siamese_cv.core.errors import UserError
-from siamese_cv.core.logs import quiet_loggers
 from siamese_cv.training.distributed import World, barrier, launched, process_group, rank_device
 from siamese_cv.training.run import train_and_save
+
+log = logging.getLogger(__name__)
 
 _QUIET = ("torch.distributed.elastic", "torch.multiprocessing")
 
@@ -63,6 +64,8 @@ def train_rank(params: Params) -> dict[str, Any] | None:
         UserError: torchrun started a different number of processes than the params say.
     """
     world, tp = World.from_env(), params.train
+    if not world.main:
+        logs.only_warnings()  # rank 0 reports progress and summary lines for all
     if world.size != tp.devices * tp.nodes or world.local_size != tp.devices:
         raise UserError(
             f"torchrun started {world.size} processes ({world.local_size} on this node) but "
@@ -79,6 +82,7 @@ def train_rank(params: Params) -> dict[str, Any] | None:
 
 
 def _launched_rank(params: Params) -> dict[str, Any] | None:
+    logs.configure()  # a spawned process starts unconfigured; the stage's verbosity is inherited
     try:
         return train_rank(params)
     except UserError as error:
@@ -135,7 +139,7 @@ def _failure_line(error: Any, processes: int) -> str:
     if message.startswith(prefix):
         return f"rank {rank} of {processes}: {message[len(prefix) :]}"
     if stack:
-        print(f"rank {rank}: {stack.rstrip()}", file=sys.stderr)
+        log.error("rank %s: %s", rank, stack.rstrip())
         return f"rank {rank} of {processes} failed with {message}; its traceback is above"
     return f"rank {rank} of {processes} failed (exit code {failure.exitcode}): {message}"
 
@@ -144,5 +148,5 @@ def _failure_line(error: Any, processes: int) -> str:
 def _quiet(prefixes: tuple[str, ...]) -> Iterator[None]:
     """Silence the launcher's own log lines (it dumps every failure): ours is the one line."""
     names = [n for n in logging.Logger.manager.loggerDict if n.startswith(prefixes)]
-    with quiet_loggers(names, logging.CRITICAL):
+    with logs.quiet_loggers(names, logging.CRITICAL):
         yield
