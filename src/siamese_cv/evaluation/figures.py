@@ -248,4 +248,4 @@ _SCORE_KEYS = (
     "val_precision_at_1",
     "val_map_at_r",
 )
-MONITOR = "val_map_at_r"  # what siamese_cv.training.loop keeps the best epoch by
+MONITOR = "val_map_at_r"  # what siamese_cv.training.validation keeps the best epoch by

@@ -10,6 +10,7 @@ CPU the shards share the cores, one thread each per running shard's share.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +41,8 @@ from siamese_cv.retrieval.gallery import (
     gallery_table,
     write_gallery_rows,
 )
+
+log = logging.getLogger(__name__)
 
 STORE = SHARDS_ROOT / "export_gallery"
 
@@ -120,11 +123,10 @@ def run_export_shards(
     kept = [i for i in range(count) if i not in todo]
     parallel = max(1, min(len(todo), gpus or cores))
     threads = 1 if gpus else max(1, cores // parallel)
-    print(
+    log.info(
         f"export_gallery: {count} shards"
         + (f"; {_names(kept)} already done, kept" if kept else "")
-        + (f"; running {_names(todo)} ({parallel} at a time)" if todo else ""),
-        flush=True,
+        + (f"; running {_names(todo)} ({parallel} at a time)" if todo else "")
     )
     env = (lambda i, slot: {"CUDA_VISIBLE_DEVICES": str(slot)}) if gpus else None
     failed = run_shards(lambda i: shard_command(i, key, threads), todo, parallel, env)
