@@ -12,7 +12,6 @@ Run: python benchmarks/bench_preprocess.py [--quick] [--images N]
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import tempfile
 import time
@@ -73,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _, _, path in files:  # warm the page cache for the baseline's reads too
             path.read_bytes()
         project_s, kept = run_project(tmp / "raw", tmp / "processed", params)
-        single = dataclasses.replace(params, workers=1)
+        single = params.model_copy(update={"workers": 1})
         one_s, _ = run_project(tmp / "raw", tmp / "processed-1", single)
         start = time.perf_counter()
         pil_loop(files, tmp / "pil", params.image_size)

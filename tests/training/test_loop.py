@@ -306,7 +306,7 @@ def test_a_longer_schedule_stops_training_before_the_decay_ends():
     """`train.schedule_epochs`: the cosine spans 12 epochs, training stops after 8 of them."""
     cosine = TrainParams(epochs=8, scheduler="cosine", warmup_epochs=1.0)
     full = lr_factors(cosine, 10, 81)
-    truncated = lr_factors(replace(cosine, schedule_epochs=12), 10, 121)
+    truncated = lr_factors(cosine.model_copy(update={"schedule_epochs": 12}), 10, 121)
     assert full[0] == truncated[0] == pytest.approx(0.1)  # the same warm-up
     assert full[9] == truncated[9] == pytest.approx(1.0)
     assert full[80] == pytest.approx(0.0, abs=1e-12)

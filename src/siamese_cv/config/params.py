@@ -1,192 +1,212 @@
 """A typed, validated view of params.yaml: the one place for defaults and checks.
 
 Every stage reads its sections through `load_params`, so a bad key fails the same way everywhere:
-one line naming the key and what is allowed. Unknown keys are rejected, never passed on.
+one line naming the key and what is allowed. The sections are frozen pydantic models that reject
+unknown keys and never coerce (`"yes"` is not a boolean, `2.5` not an integer); the lists of
+choices come from `siamese_cv.config.choices`, which the registries check themselves against.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from siamese_cv.config.choices import (
+    BACKBONES,
+    ENCODE_FORMATS,
+    ENGINES,
+    HEADS,
+    HIDDEN_BACKBONES,
+    INDEX_KINDS,
+    LOSSES,
+    MINERS,
+    POOLINGS,
+    PROXY_LOSSES,
+    RESIZE_MODES,
+)
 from siamese_cv.core.errors import ParamsError
 
-PROXY_LOSSES = ("normalized_softmax", "proxy_anchor")  # one learned vector per class, no miner
-ENGINES = ("torch", "onnxruntime")  # what runs the embedder's network (siamese_cv.inference.embedder)
-
 PARAMS_FILE = "params.yaml"
+SPLITS = ("train", "validation", "test")
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PixelSize = Annotated[int, Field(ge=16, le=2048)]
 
 
-def _opt(
-    default: Any,
-    *,
-    choices: tuple | None = None,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    doc: str = "",
-) -> Any:
-    """A dataclass field with its allowed values recorded for validation and messages."""
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "doc": doc}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+class _Section(BaseModel):
+    """A params.yaml section: frozen, strict types, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-@dataclass(frozen=True)
-class DataParams:
-    source: str = _opt(
-        "hf:Matthijs/snacks", doc="hf:<id>[@revision], an image folder, or a CSV manifest"
+class DataParams(_Section):
+    source: str = Field(
+        "hf:Matthijs/snacks", description="hf:<id>[@revision], an image folder, or a CSV manifest"
     )
-    val_fraction: float = _opt(
-        0.1, gt=0.0, le=0.5, doc="share of train held out when the source has no validation split"
+    val_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        le=0.5,
+        description="share of train held out when the source has no validation split",
     )
-    seed: int = _opt(42, ge=0)
-    retries: int = _opt(3, ge=0, doc="hub download retries on transient errors")
-    streaming: bool = _opt(
+    seed: int = Field(42, ge=0)
+    retries: int = Field(3, ge=0, description="hub download retries on transient errors")
+    streaming: bool = Field(
         False,
-        doc="hf sources: read the hub's files as a stream instead of caching the whole dataset",
+        description="hf sources: read the hub's files as a stream instead of caching the whole dataset",
     )
 
 
-@dataclass(frozen=True)
-class PreprocessParams:
-    image_size: int = _opt(244, ge=16, le=2048)
-    resize: str = _opt("stretch", choices=("stretch", "shorter_side_crop"))
-    format: str = _opt("jpeg", choices=("jpeg", "png", "webp"))
-    quality: int = _opt(95, ge=1, le=100)
-    workers: int = _opt(0, ge=0, doc="0 uses every core")
-    row_group_size: int = _opt(256, ge=1)
-    shards: int = _opt(
+class PreprocessParams(_Section):
+    image_size: PixelSize = 244
+    resize: Literal[RESIZE_MODES] = "stretch"
+    format: Literal[ENCODE_FORMATS] = "jpeg"
+    quality: int = Field(95, ge=1, le=100)
+    workers: int = Field(0, ge=0, description="0 uses every core")
+    row_group_size: int = Field(256, ge=1)
+    shards: int = Field(
         1,
         ge=1,
         le=4096,
-        doc="pieces processed by separate processes, each resumable after a failure; "
+        description="pieces processed by separate processes, each resumable after a failure; "
         "the output is the same for any count",
     )
 
 
-@dataclass(frozen=True)
-class TripletParams:
-    seed: int = _opt(42, ge=0)
-    test_draws: int = _opt(10, ge=1)
-    sampler: str = _opt(
+class TripletParams(_Section):
+    seed: int = Field(42, ge=0)
+    test_draws: int = Field(10, ge=1)
+    sampler: Literal["random", "pk"] = Field(
         "random",
-        choices=("random", "pk"),
-        doc="random: the original's triplets; pk: class-balanced batches for online mining",
+        description="random: the original's triplets; pk: class-balanced batches for online mining",
     )
-    classes_per_batch: int = _opt(16, ge=2)
-    samples_per_class: int = _opt(4, ge=2)
+    classes_per_batch: int = Field(16, ge=2)
+    samples_per_class: int = Field(4, ge=2)
 
 
-@dataclass(frozen=True)
-class ModelParams:
-    backbone: str = _opt("resnet50")
-    weights: str = _opt("imagenet", doc="imagenet | none | a .safetensors/.pt file")
-    head: str = _opt("seed", choices=("seed", "linear", "mlp", "identity"))
-    embedding_dim: int = _opt(512, ge=1)
-    pooling: str = _opt(
+class ModelParams(_Section):
+    backbone: str = Field(
+        "resnet50", description=f"{' | '.join(BACKBONES)} | timm:<name> (any timm model)"
+    )
+    weights: str = Field("imagenet", description="imagenet | none | a .safetensors/.pt file")
+    head: Literal[HEADS] = "seed"
+    embedding_dim: int = Field(512, ge=1)
+    pooling: Literal[POOLINGS] = Field(
         "avg",
-        choices=("avg", "gem", "avgmax"),
-        doc="avg: the backbone's own | gem: generalised mean, learned exponent | avgmax: mean of average and max",
+        description="avg: the backbone's own | gem: generalised mean, learned exponent | "
+        "avgmax: mean of average and max",
     )
-    embed_from: str = _opt(
+    embed_from: Literal["head", "pooled"] = Field(
         "head",
-        choices=("head", "pooled"),
-        doc="head: the head's output | pooled: the pooled backbone features under it (the head then only serves the loss)",
+        description="head: the head's output | pooled: the pooled backbone features under it "
+        "(the head then only serves the loss)",
     )
-    inference_sizes: list = _opt(
-        [],
-        doc="input sizes (px) the trained network embeds at; several: the mean of their "
+    # checked with train.members by Params (member_sizes): one list, or one list per member
+    inference_sizes: list = Field(
+        default_factory=list,
+        description="input sizes (px) the trained network embeds at; several: the mean of their "
         "L2-normalised embeddings; [] = preprocess.image_size; with train.members > 1, "
         "one list per member ([[244], [372]]) gives each member its own sizes",
     )
 
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        if name.startswith("timm:") or name in BACKBONES or name in HIDDEN_BACKBONES:
+            return name
+        raise ValueError(
+            f"model.backbone: unknown backbone {name!r}; known: {', '.join(BACKBONES)}, "
+            "or timm:<name>"
+        )
 
-@dataclass(frozen=True)
-class TrainParams:
-    epochs: int = _opt(25, ge=1)
-    batch_size: int = _opt(32, ge=1, doc="triplets per batch (random sampler)")
-    optimizer: str = _opt("adam", choices=("adam", "adamw", "sgd"))
-    lr: float = _opt(1e-4, gt=0.0)
-    backbone_lr: float = _opt(0.0, ge=0.0, doc="0 uses train.lr")
-    weight_decay: float = _opt(0.0, ge=0.0)
-    scheduler: str = _opt("none", choices=("none", "cosine"))
-    schedule_epochs: int = _opt(
+
+class TrainParams(_Section):
+    epochs: int = Field(25, ge=1)
+    batch_size: int = Field(32, ge=1, description="triplets per batch (random sampler)")
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0.0)
+    backbone_lr: float = Field(0.0, ge=0.0, description="0 uses train.lr")
+    weight_decay: float = Field(0.0, ge=0.0)
+    scheduler: Literal["none", "cosine"] = "none"
+    schedule_epochs: int = Field(
         0,
         ge=0,
-        doc="epochs the cosine decay spans; 0 = train.epochs; more stops training before the "
-        "learning rate reaches zero",
+        description="epochs the cosine decay spans; 0 = train.epochs; more stops training "
+        "before the learning rate reaches zero",
     )
-    warmup_epochs: float = _opt(0.0, ge=0.0)
-    loss: str = _opt(
-        "triplet_l2sq",
-        choices=(
-            "triplet_l2sq",
-            "triplet_cosine",
-            "multi_similarity",
-            "proxy_anchor",
-            "normalized_softmax",
-        ),
-    )
-    miner: str = _opt("none", choices=("none", "semihard", "batch_hard", "multi_similarity"))
-    margin: float = _opt(1.0, ge=0.0)
-    proxy_alpha: float = _opt(
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    loss: Literal[LOSSES] = "triplet_l2sq"
+    miner: Literal[MINERS] = "none"
+    margin: float = Field(1.0, ge=0.0)
+    proxy_alpha: float = Field(
         32.0,
         gt=0.0,
-        doc="proxy_anchor: the scale of its log-sum-exp (the paper's 32); lower pulls each class tighter",
+        description="proxy_anchor: the scale of its log-sum-exp (the paper's 32); lower pulls "
+        "each class tighter",
     )
-    proxy_lr: float = _opt(
-        0.0, ge=0.0, doc="proxy losses: learning rate of the class proxies; 0 uses 100 x train.lr"
+    proxy_lr: float = Field(
+        0.0,
+        ge=0.0,
+        description="proxy losses: learning rate of the class proxies; 0 uses 100 x train.lr",
     )
-    freeze: str | int = _opt(
+    freeze: str | int = Field(
         "none",
-        doc="none | all | N: freeze the backbone's first N stages (negative N: all but the last -N)",
+        description="none | all | N: freeze the backbone's first N stages (negative N: all but "
+        "the last -N)",
     )
-    augment: bool = _opt(False)
-    augment_views: int = _opt(
+    augment: bool = False
+    augment_views: int = Field(
         4,
         ge=0,
-        doc="with augment and frozen leading stages: precompute this many augmented views of each image through them (0: augment on the fly)",
+        description="with augment and frozen leading stages: precompute this many augmented "
+        "views of each image through them (0: augment on the fly)",
     )
-    members: int = _opt(
+    members: int = Field(
         1,
         ge=1,
         le=16,
-        doc="> 1: train that many networks (seeds train.seed, +1, ...; each its own epochs of "
-        "triplets) and embed with the mean of their L2-normalised embeddings (a deep ensemble)",
+        description="> 1: train that many networks (seeds train.seed, +1, ...; each its own "
+        "epochs of triplets) and embed with the mean of their L2-normalised embeddings",
     )
-    ema: float = _opt(
+    ema: float = Field(
         0.0,
         ge=0.0,
         le=0.9999,
-        doc="> 0: validate and keep an exponential moving average of the weights, this decay "
-        "per step (lowered where it would span more than two epochs)",
+        description="> 0: validate and keep an exponential moving average of the weights, this "
+        "decay per step (lowered where it would span more than two epochs)",
     )
-    precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
-    device: str = _opt("auto", doc="auto | cpu | cuda | cuda:N")
-    workers: int = _opt(2, ge=0)
-    seed: int = _opt(42, ge=0)
-    devices: int = _opt(
+    precision: Precision = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    workers: int = Field(2, ge=0)
+    seed: int = Field(42, ge=0)
+    devices: int = Field(
         1,
         ge=1,
-        doc="training processes per node, one per GPU (or CPU processes); "
+        description="training processes per node, one per GPU (or CPU processes); "
         "> 1 relaunches the stage through torch.distributed",
     )
-    nodes: int = _opt(
+    nodes: int = Field(
         1,
         ge=1,
-        doc="machines; > 1: start the stage on every node with torchrun (docs/distributed.md)",
+        description="machines; > 1: start the stage on every node with torchrun "
+        "(docs/distributed.md)",
     )
-    cross_rank_negatives: bool = _opt(
+    cross_rank_negatives: bool = Field(
         False,
-        doc="pk batches on several processes: mine and "
-        "score against every process's embeddings, not only its own",
+        description="pk batches on several processes: mine and score against every "
+        "process's embeddings, not only its own",
     )
 
     @property
@@ -194,182 +214,162 @@ class TrainParams:
         """Epochs of steps the sample_triplets stage writes: `epochs` for each of the `members`."""
         return self.epochs * self.members
 
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _freeze(cls, value: Any) -> Any:
+        try:
+            parse_freeze(value)
+        except ParamsError as error:
+            raise ValueError(str(error)) from None
+        return value
 
-def _engine_opt():
-    """`evaluate.engine` and `export.engine`: the same choice for the embedder of each stage."""
-    return _opt(
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if device in ("auto", "cpu", "cuda") or (
+            device.startswith("cuda:") and device[5:].isdigit()
+        ):
+            return device
+        raise ValueError(f"train.device: {device!r} is not one of auto, cpu, cuda, cuda:N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.schedule_epochs and self.schedule_epochs < self.epochs:
+            raise ValueError(
+                f"train.schedule_epochs: {self.schedule_epochs} is shorter than train.epochs: "
+                f"{self.epochs}, whose last epochs would train at a zero learning rate; "
+                "set it to 0 or at least train.epochs"
+            )
+        if self.loss in PROXY_LOSSES and self.miner != "none":
+            raise ValueError(
+                f"train.loss: {self.loss} compares samples with class proxies and uses no "
+                "miner; set train.miner: none"
+            )
+        if self.cross_rank_negatives and self.loss in PROXY_LOSSES:
+            raise ValueError(
+                f"train.cross_rank_negatives: {self.loss} compares samples with class proxies, "
+                "not with other processes' samples; set train.cross_rank_negatives: false"
+            )
+        if self.devices > 1 and self.device.startswith("cuda:"):
+            raise ValueError(
+                f"train.device: {self.device!r} names one GPU but train.devices: "
+                f"{self.devices} uses one GPU per process; set train.device: cuda or auto"
+            )
+        return self
+
+
+class _EmbedSection(_Section):
+    """What `evaluate` and `export` share: the embedder's engine and precision."""
+
+    engine: Literal[ENGINES] = Field(
         "torch",
-        choices=ENGINES,
-        doc="torch | onnxruntime: the model exported to ONNX at stage start and run by ONNX "
-        "Runtime in fp32 on the CPU (needs onnxruntime and onnxscript)",
+        description="torch | onnxruntime: the model exported to ONNX at stage start and run by "
+        "ONNX Runtime in fp32 on the CPU (needs onnxruntime and onnxscript)",
     )
+    precision: Precision = "auto"
+    batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _engine_runs_precision(self) -> _EmbedSection:
+        if self.engine == "onnxruntime" and self.precision not in ("auto", "fp32"):
+            section = "evaluate" if isinstance(self, EvaluateParams) else "export"
+            raise ValueError(
+                f"{section}.engine: onnxruntime runs the model in fp32 on the CPU, not "
+                f"{self.precision}; set {section}.precision: auto or fp32, or "
+                f"{section}.engine: torch"
+            )
+        return self
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int = _opt(64, ge=1)
-    recall_at: list = _opt([1, 5, 10])
-    precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
-    engine: str = _engine_opt()
+class EvaluateParams(_EmbedSection):
+    recall_at: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5, 10])
 
 
-@dataclass(frozen=True)
-class ExportParams:
-    splits: list = _opt(["train"])
-    batch_size: int = _opt(64, ge=1)
-    top_k: int = _opt(20, ge=1)
-    precision: str = _opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
-    engine: str = _engine_opt()
-    shards: int = _opt(
+class ExportParams(_EmbedSection):
+    splits: list[Literal[SPLITS]] = Field(default_factory=lambda: ["train"])
+    top_k: int = Field(20, ge=1)
+    shards: int = Field(
         1,
         ge=1,
         le=4096,
-        doc="pieces embedded by separate processes (one per GPU where there are several), "
-        "each resumable after a failure",
+        description="pieces embedded by separate processes (one per GPU where there are "
+        "several), each resumable after a failure",
     )
 
+    @field_validator("splits")
+    @classmethod
+    def _some_split(cls, splits: list[str]) -> list[str]:
+        if not splits:
+            raise ValueError("export.splits: list at least one of train, validation, test")
+        return splits
 
-@dataclass(frozen=True)
-class SearchParams:
-    index: str = _opt(
+
+class SearchParams(_Section):
+    index: Literal[INDEX_KINDS] = Field(
         "exact",
-        choices=("exact", "ivf"),
-        doc="the index index_gallery saves for siamese-search; ivf: FAISS IVF-SQ8 for large galleries",
+        description="the index index_gallery saves for siamese-search; ivf: FAISS IVF-SQ8 for "
+        "large galleries",
     )
-    nlist: int = _opt(0, ge=0, doc="ivf: inverted lists; 0 = about 4 x sqrt(gallery size)")
-    nprobe: int = _opt(0, ge=0, doc="ivf: lists scanned per query; 0 = 1/128 of them, at least 8")
-    seed: int = _opt(0, ge=0, doc="ivf: k-means sample and initialisation")
+    nlist: int = Field(0, ge=0, description="ivf: inverted lists; 0 = about 4 x sqrt(gallery size)")
+    nprobe: int = Field(
+        0, ge=0, description="ivf: lists scanned per query; 0 = 1/128 of them, at least 8"
+    )
+    seed: int = Field(0, ge=0, description="ivf: k-means sample and initialisation")
+
+    @model_validator(mode="after")
+    def _lists_need_ivf(self) -> SearchParams:
+        if self.index == "exact" and (self.nlist or self.nprobe):
+            raise ValueError(
+                "search.nlist / search.nprobe: an exact index has no lists; set them to 0 or "
+                "search.index: ivf"
+            )
+        return self
 
 
-@dataclass(frozen=True)
-class Params:
-    data: DataParams = field(default_factory=DataParams)
-    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
-    triplets: TripletParams = field(default_factory=TripletParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    export: ExportParams = field(default_factory=ExportParams)
-    search: SearchParams = field(default_factory=SearchParams)
+class Params(_Section):
+    """All of params.yaml. `Params.model_validate(raw, context={"check": False})` skips the
+    checks that span sections (what `load_params(check=False)` does)."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+    triplets: TripletParams = Field(default_factory=TripletParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+    search: SearchParams = Field(default_factory=SearchParams)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, raw: Any) -> Any:
+        """A section written with no keys (`train:`) is YAML's null: take it as all defaults."""
+        if isinstance(raw, dict):
+            return {key: {} if value is None else value for key, value in raw.items()}
+        return raw
 
-SPLITS = ("train", "validation", "test")
-
-
-def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{key}: expected true or false, got {value!r}")
-    elif hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{key}: expected an integer, got {value!r}")
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
-    elif hint is str:
-        if not isinstance(value, str):
-            raise ParamsError(f"{key}: expected a string, got {value!r}")
-    elif hint is list or origin is list:
-        if not isinstance(value, list):
-            raise ParamsError(f"{key}: expected a list, got {value!r}")
-        return list(value)
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-    for bound, ok, word in (
-        ("ge", lambda v, b: v >= b, ">="),
-        ("gt", lambda v, b: v > b, ">"),
-        ("le", lambda v, b: v <= b, "<="),
-    ):
-        limit = meta.get(bound)
-        if limit is not None and not ok(value, limit):
-            raise ParamsError(f"{key}: {value!r} must be {word} {limit}")
-    return value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{prefix or 'params.yaml'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ParamsError(
-            f"unknown key {where}{unknown[0]}; known keys{' of ' + prefix if prefix else ''}: "
-            + ", ".join(fields)
-        )
-    values = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw.get(name), key)
-        elif name in raw:
-            values[name] = _check_value(key, raw[name], hint, dict(f.metadata))
-    return cls(**values)
+    @model_validator(mode="after")
+    def _across_sections(self, info: ValidationInfo) -> Params:
+        if (info.context or {}).get("check", True):
+            try:
+                _check_cross(self)
+            except ParamsError as error:
+                raise ValueError(str(error)) from None
+        return self
 
 
 def _check_cross(params: Params) -> None:
-    """Checks that involve more than one key, or the registries."""
-    from siamese_cv.models.backbones import list_backbones  # registry import is heavy: keep lazy
-
-    backbone = params.model.backbone
-    if not backbone.startswith("timm:") and backbone not in list_backbones():
-        raise ParamsError(
-            f"model.backbone: unknown backbone {backbone!r}; known: {', '.join(list_backbones())}, or timm:<name>"
-        )
-    parse_freeze(params.train.freeze)
-    for split in params.export.splits:
-        if split not in SPLITS:
-            raise ParamsError(f"export.splits: {split!r} is not one of {', '.join(SPLITS)}")
-    if not params.export.splits:
-        raise ParamsError("export.splits: list at least one of train, validation, test")
-    for section in ("evaluate", "export"):
-        engine, precision = getattr(params, section).engine, getattr(params, section).precision
-        if engine == "onnxruntime" and precision not in ("auto", "fp32"):
-            raise ParamsError(
-                f"{section}.engine: onnxruntime runs the model in fp32 on the CPU, not "
-                f"{precision}; set {section}.precision: auto or fp32, or {section}.engine: torch"
-            )
-    for k in params.evaluate.recall_at:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ParamsError(f"evaluate.recall_at: {k!r} must be a positive integer")
+    """Checks that involve keys of more than one section."""
     member_sizes(params)
-    device = params.train.device
-    if device not in ("auto", "cpu", "cuda") and not (
-        device.startswith("cuda:") and device[5:].isdigit()
-    ):
-        raise ParamsError(f"train.device: {device!r} is not one of auto, cpu, cuda, cuda:N")
-    schedule = params.train.schedule_epochs
-    if schedule and schedule < params.train.epochs:
+    sampler = params.triplets.sampler
+    if params.train.miner != "none" and sampler != "pk":
         raise ParamsError(
-            f"train.schedule_epochs: {schedule} is shorter than train.epochs: "
-            f"{params.train.epochs}, whose last epochs would train at a zero learning rate; "
-            "set it to 0 or at least train.epochs"
+            f"train.miner: {params.train.miner!r} mines inside class-balanced batches; "
+            "set triplets.sampler: pk"
         )
-    if params.train.miner != "none" and params.triplets.sampler != "pk":
-        raise ParamsError(
-            f"train.miner: {params.train.miner!r} mines inside class-balanced batches; set triplets.sampler: pk"
-        )
-    if params.search.index == "exact" and (params.search.nlist or params.search.nprobe):
-        raise ParamsError(
-            "search.nlist / search.nprobe: an exact index has no lists; set them to 0 or "
-            "search.index: ivf"
-        )
-    if params.train.loss in PROXY_LOSSES and params.train.miner != "none":
-        raise ParamsError(
-            f"train.loss: {params.train.loss} compares samples with class proxies and uses no "
-            "miner; set train.miner: none"
-        )
-    if params.train.loss == "multi_similarity" and params.triplets.sampler != "pk":
+    if params.train.loss == "multi_similarity" and sampler != "pk":
         raise ParamsError(
             "train.loss: multi_similarity needs class-balanced batches; set triplets.sampler: pk"
         )
@@ -379,22 +379,10 @@ def _check_cross(params: Params) -> None:
 def _check_distributed(params: Params) -> None:
     """Several processes split each step's rows: every process must get whole classes to compare."""
     train, world = params.train, params.train.devices * params.train.nodes
-    if train.cross_rank_negatives and train.loss in PROXY_LOSSES:
-        raise ParamsError(
-            f"train.cross_rank_negatives: {train.loss} compares samples with class proxies, "
-            "not with other processes' samples; set train.cross_rank_negatives: false"
-        )
     if train.cross_rank_negatives and params.triplets.sampler != "pk":
         raise ParamsError(
             "train.cross_rank_negatives: the random sampler's triplets already name "
-            "their negatives; set triplets.sampler: pk or "
-            "train.cross_rank_negatives: false"
-        )
-    if train.devices > 1 and train.device.startswith("cuda:"):
-        raise ParamsError(
-            f"train.device: {train.device!r} names one GPU but train.devices: "
-            f"{train.devices} uses one GPU per process; set train.device: cuda "
-            "or auto"
+            "their negatives; set triplets.sampler: pk or train.cross_rank_negatives: false"
         )
     if world == 1 or params.triplets.sampler != "pk":
         return
@@ -402,8 +390,7 @@ def _check_distributed(params: Params) -> None:
     if classes % world:
         raise ParamsError(
             f"triplets.classes_per_batch: {classes} classes do not split evenly over "
-            f"train.devices x train.nodes = {world} processes; make it a multiple "
-            f"of {world}"
+            f"train.devices x train.nodes = {world} processes; make it a multiple of {world}"
         )
     if classes // world < 2 and not train.cross_rank_negatives:
         raise ParamsError(
@@ -451,6 +438,9 @@ def parse_freeze(value: str | int) -> int | None:
 
     Returns:
         The Python-slice end of the frozen stages (`stages[:n]`), or None for `none`.
+
+    Raises:
+        ParamsError: not none, all or a whole number.
     """
     text = str(value).strip().lower()
     if text == "none":
@@ -458,6 +448,8 @@ def parse_freeze(value: str | int) -> int | None:
     if text == "all":
         return 10**6
     try:
+        if isinstance(value, bool):
+            raise ValueError
         return int(text)
     except ValueError:
         raise ParamsError(
@@ -471,7 +463,7 @@ def load_params(path: str | Path = PARAMS_FILE, *, check: bool = True) -> Params
 
     Args:
         path: the YAML file.
-        check: also run the cross-key checks (backbone registry, miner needs pk batches, ...).
+        check: also run the checks across sections (miner needs pk batches, ...).
 
     Raises:
         ParamsError: naming the first bad key and the allowed values.
@@ -483,7 +475,83 @@ def load_params(path: str | Path = PARAMS_FILE, *, check: bool = True) -> Params
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML ({error})") from None
-    params = _build(Params, raw, "")
-    if check:
-        _check_cross(params)
-    return params
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {raw!r}")
+    try:
+        return Params.model_validate(raw, context={"check": check})
+    except ValidationError as error:
+        raise ParamsError(error_line(error)) from None
+
+
+# --- pydantic's errors as our one-line messages ------------------------------------------------
+
+_EXPECTED = {
+    "bool_type": "true or false",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "a list",
+    "model_type": "a mapping",
+    "dict_type": "a mapping",
+}
+_BOUNDS = {
+    "greater_than_equal": ("ge", ">="),
+    "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "<="),
+    "less_than": ("lt", "<"),
+}
+
+
+def error_line(error: ValidationError) -> str:
+    """The first error of a `Params` validation as one line that names the key."""
+    first = error.errors(include_url=False)[0]
+    kind, value, ctx = first["type"], first["input"], first.get("ctx") or {}
+    names, model, rest, annotation = _walk(first["loc"])
+    key = ".".join(names)
+    if kind == "value_error":  # our validators' messages already name their key
+        return str(ctx["error"])
+    if kind == "extra_forbidden":
+        unknown = ".".join([*names, str(rest[0])])
+        known = ", ".join(model.model_fields) if model else ""
+        return f"unknown key {unknown}; known keys{' of ' + key if key else ''}: {known}"
+    if kind in _EXPECTED:
+        return f"{key}: expected {_EXPECTED[kind]}, got {value!r}"
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not one of {', '.join(map(str, _literal_args(annotation)))}"
+    if kind in _BOUNDS:
+        name, word = _BOUNDS[kind]
+        limit = ctx[name]
+        shown = float(value) if isinstance(limit, float) and isinstance(value, int) else value
+        return f"{key}: {shown!r} must be {word} {limit}"
+    return f"{key or 'params.yaml'}: {first['msg']}"
+
+
+def _walk(loc: tuple) -> tuple[list[str], type[BaseModel] | None, tuple, Any]:
+    """Follow an error location through the models: (key names, the model the last name
+    belongs to or is, the unmatched rest of `loc`, the last field's annotation)."""
+    model: type[BaseModel] | None = Params
+    names: list[str] = []
+    annotation: Any = None
+    for i, part in enumerate(loc):
+        if isinstance(part, int):  # a list item: the key is the list's
+            continue
+        if model is None or part not in model.model_fields:
+            return names, model, loc[i:], annotation
+        annotation = model.model_fields[part].annotation
+        names.append(part)
+        inner = annotation if isinstance(annotation, type) else None
+        model = inner if inner is not None and issubclass(inner, BaseModel) else None
+    return names, model, (), annotation
+
+
+def _literal_args(annotation: Any) -> tuple:
+    """The choices of the `Literal` inside `annotation` (e.g. `list[Literal[...]]`)."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    for arg in typing.get_args(annotation):
+        found = _literal_args(arg)
+        if found:
+            return found
+    return ()

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from siamese_cv.config.choices import ENCODE_FORMATS, RESIZE_MODES
+
 try:  # littlecms ships with Pillow's wheels, but a source build may lack it
     from PIL import ImageCms
 except ImportError:  # pragma: no cover - depends on how Pillow was built
@@ -33,8 +35,6 @@ except ImportError:  # pragma: no cover - depends on how Pillow was built
 
 MIN_SIDE = 2
 MAX_ASPECT = 50.0
-RESIZE_MODES = ("stretch", "shorter_side_crop")
-ENCODE_FORMATS = ("jpeg", "png", "webp")
 
 # Formats a photo dataset plausibly holds. Others (EPS runs Ghostscript, PSD, FITS, ...) widen
 # the attack surface for no gain, so Pillow is not allowed to try them.

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from siamese_cv.config.params import ENGINES
+from siamese_cv.config.choices import ENGINES
 from siamese_cv.core import logs
 from siamese_cv.core.errors import UserError
 from siamese_cv.data.parquet import count_rows, iter_batches

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from siamese_cv.config.choices import BACKBONES, HIDDEN_BACKBONES, check_registered
 from siamese_cv.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,19 +83,26 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(name: str, *, weights_hint: str = ""):
-    """Decorator: register `build` under `name`; its `.imagenet` attribute (if any) fetches weights."""
+    """Decorator: register `build` under `name`; its `.imagenet` attribute (if any) fetches weights.
+
+    `name` must be declared in `siamese_cv.config.choices` (BACKBONES, or HIDDEN_BACKBONES for
+    test networks), which is what params.yaml is checked against.
+    """
 
     def decorator(build: Callable[[], Backbone]) -> Callable[[], Backbone]:
         if name in _REGISTRY:
             raise ValueError(f"backbone {name!r} is registered twice")
+        if name not in BACKBONES + HIDDEN_BACKBONES:
+            raise ValueError(f"backbone {name!r}: declare it in siamese_cv.config.choices first")
         _REGISTRY[name] = BackboneSpec(name, build, getattr(build, "imagenet", None), weights_hint)
         return build
 
     return decorator
 
 
-def list_backbones() -> list[str]:
-    return sorted(_REGISTRY)
+def list_backbones(*, hidden: bool = False) -> list[str]:
+    """The registered backbones users may choose; `hidden` adds the test networks (`tiny`)."""
+    return sorted(n for n in _REGISTRY if hidden or n not in HIDDEN_BACKBONES)
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
@@ -294,6 +302,8 @@ def _tiny() -> Backbone:
         pool_attr="pool",
     )
 
+
+check_registered("backbone", _REGISTRY, BACKBONES + HIDDEN_BACKBONES)
 
 _TORCH_LOAD_BOILERPLATE = (
     "Weights only load failed",

@@ -8,10 +8,37 @@ average and max pooling that Proxy-Anchor's reference code puts on its backbone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from siamese_cv.config.choices import POOLINGS, check_registered
 
+# the poolings that replace a backbone's own, each built as `factory(flatten=...)`
+_POOLINGS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_pooling(name: str):
+    """Decorator: register a pooling module class or factory under `name`."""
+
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name == "avg":
+            raise ValueError("pooling 'avg' is each backbone's own; register another name")
+        if name in _POOLINGS:
+            raise ValueError(f"pooling {name!r} is registered twice")
+        _POOLINGS[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_poolings() -> list[str]:
+    """`avg` (each backbone's own pooling) and the registered replacements."""
+    return ["avg", *sorted(_POOLINGS)]
+
+
+@register_pooling("gem")
 class GeM(nn.Module):
     """Generalised mean over H x W: (mean x^p)^(1/p); p is learned, starting at `p` (1 = average)."""
 
@@ -27,6 +54,7 @@ class GeM(nn.Module):
         return pooled if self.flatten else pooled[:, :, None, None]
 
 
+@register_pooling("avgmax")
 class AvgMax(nn.Module):
     """The mean of global average and global max pooling."""
 
@@ -44,8 +72,11 @@ def make_pooling(kind: str, flatten: bool) -> nn.Module:
 
     `flatten` False keeps the [B, C, 1, 1] shape that some nets flatten themselves.
     """
-    if kind == "gem":
-        return GeM(flatten=flatten)
-    if kind == "avgmax":
-        return AvgMax(flatten=flatten)
-    raise ValueError(f"pooling {kind!r}: only gem and avgmax replace a backbone's pooling")
+    if kind not in _POOLINGS:
+        raise ValueError(
+            f"pooling {kind!r}: only {', '.join(sorted(_POOLINGS))} replace a backbone's pooling"
+        )
+    return _POOLINGS[kind](flatten=flatten)
+
+
+check_registered("pooling", list_poolings(), POOLINGS)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from siamese_cv.config.choices import HEADS, check_registered
 from siamese_cv.core.atomic import atomic_path, write_json
 from siamese_cv.core.errors import UserError
 from siamese_cv.models.backbones import Backbone, get_backbone_spec
@@ -65,6 +66,9 @@ def _mlp_head(feature_dim: int, embedding_dim: int) -> nn.Module:
 def _identity_head(feature_dim: int, embedding_dim: int) -> nn.Module:
     """No head: the pooled backbone features are the embedding (the frozen baseline)."""
     return nn.Sequential()
+
+
+check_registered("head", _HEADS, HEADS)
 
 
 @dataclass(frozen=True)

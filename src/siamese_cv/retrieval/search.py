@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from siamese_cv.config.params import ENGINES
+from siamese_cv.config.choices import ENGINES
 from siamese_cv.core import paths
 from siamese_cv.core.errors import UserError, run_cli
 from siamese_cv.retrieval.engine import Hit, SearchEngine

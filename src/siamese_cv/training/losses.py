@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pytorch_metric_learning import distances, losses, miners, reducers
 from torch import nn
 
-from siamese_cv.config.params import PROXY_LOSSES
+from siamese_cv.config.choices import LOSSES, MINERS, PROXY_LOSSES, check_registered
 from siamese_cv.core.errors import UserError
 
 
@@ -119,6 +119,10 @@ def list_losses() -> list[str]:
 
 def list_miners() -> list[str]:
     return ["none", *sorted(_MINERS)]
+
+
+check_registered("loss", _LOSSES, LOSSES)
+check_registered("miner", list_miners(), MINERS)
 
 
 def build_loss(

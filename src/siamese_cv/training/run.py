@@ -113,7 +113,7 @@ def train_and_save(
             live.next_step()
 
         for k, own_sizes in enumerate(sizes):
-            member_params = replace(tp, seed=tp.seed + k)
+            member_params = tp.model_copy(update={"seed": tp.seed + k})
             seed_everything(member_params.seed)
             model, card, frozen = _pretrained_model(params)
             prep = replace(preprocessing_of(params, card), input_sizes=own_sizes)
