@@ -129,3 +129,39 @@ def test_a_saved_index_refuses_another_gallery_and_is_absent_when_never_saved(tm
     changed[0] = changed[1]
     with pytest.raises(UserError, match="another gallery.*dvc repro index_gallery"):
         load_index(tmp_path / "index", changed)
+
+
+def test_ivf_comes_from_its_factory_string_and_equals_the_hand_built_index(tmp_path):
+    """`IVF<n>,SQ8` with inner product is byte for byte the IVF-SQ8 index once built by hand."""
+    import faiss
+
+    from siamese_cv.retrieval.index import save_index
+
+    vectors = clustered(2000, 32, 20, seed=3)
+    built = build_index(vectors, "ivf", nlist=16, seed=5)
+    by_hand = faiss.IndexIVFScalarQuantizer(
+        faiss.IndexFlatIP(32), 32, 16, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+    )
+    by_hand.cp.seed = 5
+    by_hand.cp.min_points_per_centroid = 1
+    by_hand.cp.max_points_per_centroid = 40
+    by_hand.train(vectors[np.sort(np.random.default_rng(5).choice(2000, 640, replace=False))])
+    by_hand.add(vectors)
+    assert np.array_equal(faiss.serialize_index(built.faiss_index), faiss.serialize_index(by_hand))
+    assert save_index(built, tmp_path / "index", vectors)["factory"] == "IVF16,SQ8"
+
+
+def test_an_index_saved_before_the_factory_string_was_recorded_still_loads(tmp_path, gallery, ivf):
+    import json
+
+    from siamese_cv.retrieval.index import INDEX_META, load_index, save_index
+
+    save_index(ivf, tmp_path / "index", gallery)
+    meta_path = tmp_path / "index" / INDEX_META
+    meta = json.loads(meta_path.read_text())
+    del meta["factory"]
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_index(tmp_path / "index", gallery)
+    probe = gallery[:20]
+    for got, want in zip(loaded.search(probe, 5), ivf.search(probe, 5), strict=True):
+        assert np.array_equal(got, want)

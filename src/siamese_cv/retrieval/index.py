@@ -3,7 +3,8 @@
 A gallery of a few thousand photos is searched fastest by one matrix product (`exact`). Past a
 few hundred thousand vectors that product reads the whole float32 matrix per query, so `ivf`
 clusters the vectors into `nlist` inverted lists, stores them as 8-bit scalar-quantised codes
-(a quarter of the memory) and scans only the `nprobe` lists nearest each query.
+(a quarter of the memory) and scans only the `nprobe` lists nearest each query. FAISS builds it
+from its factory string (`IVF<nlist>,SQ8`, inner product), which `index.json` records.
 
 Decisions:
 
@@ -29,12 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from siamese_cv.config.choices import INDEX_KINDS as KINDS
 from siamese_cv.core.atomic import atomic_path
 from siamese_cv.core.errors import UserError
 
-KINDS = ("exact", "ivf")
 INDEX_META = "index.json"
 IVF_FILE = "ivf.faiss"  # FAISS's own serialisation (faiss.write_index), not a pickle
+IVF_FACTORY = "IVF{nlist},SQ8"  # faiss.index_factory: inverted lists over 8-bit scalar codes
 # IVF lists per query by default: 1/128 of them, at least 8. On 1,000,000 clustered vectors
 # (benchmarks/bench_search.py, 4,000 lists) recall@10 was 0.964 from nprobe 4 up to 250: what
 # it loses is SQ8 rounding among near-tied neighbours, not unprobed lists, while latency grew
@@ -239,18 +241,17 @@ def _build_ivf(vectors: np.ndarray, nlist: int | None, seed: int) -> IVFIndex:
     if nlist is not None and nlist < 1:
         raise ValueError(f"nlist: {nlist} must be at least 1")
     nlist = min(nlist or default_nlist(n), n)
-    quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFScalarQuantizer(
-        quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
-    )
+    factory = IVF_FACTORY.format(nlist=nlist)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    clustering = faiss.extract_index_ivf(index).cp
     sample_size = min(n, _TRAIN_POINTS_PER_LIST * nlist)
     rng = np.random.default_rng(seed)
     sample = vectors
     if sample_size < n:
         sample = vectors[np.sort(rng.choice(n, sample_size, replace=False))]
-    index.cp.seed = seed
-    index.cp.min_points_per_centroid = 1  # small galleries: fewer points per list is expected
-    index.cp.max_points_per_centroid = _TRAIN_POINTS_PER_LIST  # we sampled already
+    clustering.seed = seed
+    clustering.min_points_per_centroid = 1  # small galleries: fewer points per list is expected
+    clustering.max_points_per_centroid = _TRAIN_POINTS_PER_LIST  # we sampled already
     index.train(sample)
     index.add(vectors)
     probes = min(nlist, max(_MIN_DEFAULT_PROBES, math.ceil(nlist / _DEFAULT_PROBE_SHARE)))
@@ -282,7 +283,8 @@ def save_index(index: Index, directory: str | Path, vectors: np.ndarray) -> dict
         if isinstance(index, IVFIndex):
             import faiss
 
-            meta |= {"nlist": index.nlist, "nprobe": index.default_nprobe}
+            factory = IVF_FACTORY.format(nlist=index.nlist)
+            meta |= {"nlist": index.nlist, "nprobe": index.default_nprobe, "factory": factory}
             faiss.write_index(index.faiss_index, str(tmp / IVF_FILE))
         (tmp / INDEX_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
