@@ -9,7 +9,6 @@ import random
 import shutil
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -353,6 +352,72 @@ def test_hf_streaming_gives_the_same_rows_and_caches_nothing(hf_cache: Path, spl
     assert again.fingerprint["files"] != info.fingerprint["files"]
 
 
+def _response(status: int):
+    """A real response of the HTTP client the hub library uses, with `status`."""
+    from huggingface_hub.utils import httpx as hub_http
+
+    request = hub_http.Request("GET", "https://huggingface.co/api/datasets/x")
+    return hub_http.Response(status, request=request)
+
+
+def _hub_error_cases() -> list:
+    """(exception, expected kind): each library's own types, not look-alike names."""
+    pytest.importorskip("datasets")
+    import aiohttp
+    import requests
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub.utils import httpx as hub_http
+
+    class Timeout(Exception):  # named like requests' Timeout, but not one: not retried
+        pass
+
+    return [
+        (hub_errors.HfHubHTTPError("503", response=_response(503)), "transient"),
+        (hub_errors.HfHubHTTPError("429", response=_response(429)), "transient"),
+        (hub_errors.HfHubHTTPError("403", response=_response(403)), "not_found"),
+        (hub_errors.HfHubHTTPError("400", response=_response(400)), "other"),
+        (hub_errors.GatedRepoError("gated", response=_response(401)), "not_found"),
+        (DatasetNotFoundError("no such dataset"), "not_found"),
+        (hub_errors.LocalEntryNotFoundError("not cached"), "transient"),
+        (hub_http.ReadTimeout("read timed out"), "transient"),
+        (requests.ConnectionError("reset"), "transient"),
+        (aiohttp.ClientConnectionError("reset"), "transient"),
+        (TimeoutError("timed out"), "transient"),
+        (hub_errors.OfflineModeIsEnabled("offline"), "offline"),
+        (Timeout("timed out"), "other"),
+        (ValueError("bad column"), "other"),
+    ]
+
+
+def test_hub_errors_are_classified_by_their_types() -> None:
+    from siamese_cv.data.sources.hub import _classify
+
+    for error, kind in _hub_error_cases():
+        assert _classify(error) == kind, repr(error)
+        try:  # the same error behind datasets' re-raise is classified the same
+            raise ConnectionError("Couldn't reach the Hub") from error
+        except ConnectionError as wrapped:
+            assert _classify(wrapped) == (kind if kind != "other" else "transient"), repr(error)
+
+
+@pytest.mark.usefixtures("hub_resolves")
+def test_an_error_merely_named_like_a_network_error_is_not_retried(monkeypatch, tmp_path) -> None:
+    datasets = pytest.importorskip("datasets")
+
+    class ConnectTimeout(Exception):  # httpx's name, but not httpx's type
+        pass
+
+    def failing(*args, **kwargs):
+        raise ConnectTimeout("no")
+
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    sleeps: list[float] = []
+    with pytest.raises(UserError, match="cannot load Hugging Face dataset"):
+        _open("hf:Matthijs/snacks", tmp_path, retries=3, sleep=sleeps.append)
+    assert sleeps == []
+
+
 @pytest.fixture
 def hub_resolves(monkeypatch):
     """Pretend the hub's name resolves, so the retry path runs on this offline machine."""
@@ -363,6 +428,8 @@ def hub_resolves(monkeypatch):
 
 def test_no_dns_means_offline_at_once_without_retries(monkeypatch, tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
+    from huggingface_hub import errors as hub_errors
+
     from siamese_cv.data.sources import hub
 
     monkeypatch.setattr(hub, "_hub_resolves", lambda: False)
@@ -371,7 +438,10 @@ def test_no_dns_means_offline_at_once_without_retries(monkeypatch, tmp_path: Pat
 
     def offline(*args, **kwargs):
         calls.append(os.environ.get("HF_HUB_OFFLINE"))
-        raise ConnectionError("Couldn't reach 'Matthijs/snacks' on the Hub (OfflineModeIsEnabled)")
+        # what datasets raises: a plain ConnectionError chained to the hub library's error
+        raise ConnectionError(
+            "Couldn't reach 'Matthijs/snacks' on the Hub (OfflineModeIsEnabled)"
+        ) from hub_errors.OfflineModeIsEnabled("offline mode is enabled")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     sleeps: list[float] = []
@@ -383,11 +453,15 @@ def test_no_dns_means_offline_at_once_without_retries(monkeypatch, tmp_path: Pat
 @pytest.mark.usefixtures("hub_resolves")
 def test_hf_offline_retries_then_one_user_error(monkeypatch, tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
+    from huggingface_hub.utils import httpx as hub_http
+
     calls: list[tuple] = []
 
     def offline(*args, **kwargs):
         calls.append((args, kwargs))
-        raise ConnectionError("Couldn't reach 'Matthijs/snacks' on the Hub (ConnectError)")
+        raise ConnectionError(
+            "Couldn't reach 'Matthijs/snacks' on the Hub (ConnectError)"
+        ) from hub_http.ConnectError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     sleeps: list[float] = []
@@ -404,12 +478,12 @@ def test_hf_offline_retries_then_one_user_error(monkeypatch, tmp_path: Path) -> 
 @pytest.mark.usefixtures("hub_resolves")
 def test_hf_not_found_is_not_retried(monkeypatch, tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
-
-    class HTTPError(Exception):
-        response = SimpleNamespace(status_code=404)
+    from huggingface_hub import errors as hub_errors
 
     def missing(*args, **kwargs):
-        raise HTTPError("404 Client Error: Repository Not Found")
+        raise hub_errors.RepositoryNotFoundError(
+            "404 Client Error: Repository Not Found", response=_response(404)
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", missing)
     sleeps: list[float] = []
@@ -425,13 +499,12 @@ def test_hf_transient_error_then_success(monkeypatch, hf_cache: Path) -> None:
     real = datasets.load_dataset
     attempts: list[int] = []
 
-    class ServerError(Exception):
-        response = SimpleNamespace(status_code=503)
+    from huggingface_hub import errors as hub_errors
 
     def flaky(name, **kwargs):
         attempts.append(1)
         if len(attempts) < 3:
-            raise ServerError("503 Service Unavailable")
+            raise hub_errors.HfHubHTTPError("503 Service Unavailable", response=_response(503))
         return real(str(hf_cache / "hub"))
 
     monkeypatch.setattr(datasets, "load_dataset", flaky)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -11,8 +12,11 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tenacity
 
 from siamese_cv.core.errors import UserError
 from siamese_cv.core.logs import quiet_loggers
@@ -121,72 +125,111 @@ def _quiet_hub_logs() -> Iterator[None]:
 def _with_retries(
     call: Callable[[], Any], location: str, retries: int, sleep: Callable[[float], None]
 ) -> Any:
-    """Run `call`, retrying transient hub errors with 1 s, 2 s, 4 s... backoff.
+    """Run `call`, retrying transient hub errors with 1 s, 2 s, 4 s... backoff (tenacity).
 
     A permanent failure, or the last transient one, becomes one UserError line.
     """
-    for attempt in range(max(retries, 0) + 1):
-        try:
-            return call()
-        except Exception as error:  # classified below; anything unclassified is a load failure
-            kind = _classify(error)
-            if kind == "transient" and attempt < retries:
-                sleep(2.0**attempt)
-                continue
-            reason = _short(error)
-            if kind == "not_found":
-                raise UserError(
-                    f"Hugging Face dataset {location} not found or not accessible ({reason}): "
-                    f"check data.source (hf:<id>[@revision]), or {_OFFLINE_HINT}"
-                ) from None
-            if kind in ("transient", "offline"):
-                tries = f", {attempt + 1} attempts" if attempt else ""
-                raise UserError(
-                    f"cannot reach the Hugging Face hub for {location} ({reason}{tries}): "
-                    f"connect to the internet, or {_OFFLINE_HINT}"
-                ) from None
-            raise UserError(f"cannot load Hugging Face dataset {location} ({reason})") from None
-    raise AssertionError("unreachable")  # pragma: no cover
+    attempts = 0
+
+    def attempt() -> Any:
+        nonlocal attempts
+        attempts += 1
+        return call()
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(max(retries, 0) + 1),
+        wait=tenacity.wait_exponential(multiplier=1, exp_base=2),
+        retry=tenacity.retry_if_exception(lambda error: _classify(error) == "transient"),
+        sleep=sleep,
+        reraise=True,
+    )
+    try:
+        return retrying(attempt)
+    except Exception as error:  # classified below; anything unclassified is a load failure
+        kind, reason = _classify(error), _short(error)
+        if kind == "not_found":
+            raise UserError(
+                f"Hugging Face dataset {location} not found or not accessible ({reason}): "
+                f"check data.source (hf:<id>[@revision]), or {_OFFLINE_HINT}"
+            ) from None
+        if kind in ("transient", "offline"):
+            tries = f", {attempts} attempts" if attempts > 1 else ""
+            raise UserError(
+                f"cannot reach the Hugging Face hub for {location} ({reason}{tries}): "
+                f"connect to the internet, or {_OFFLINE_HINT}"
+            ) from None
+        raise UserError(f"cannot load Hugging Face dataset {location} ({reason})") from None
 
 
-_TRANSIENT_NAMES = {
-    "ConnectionError", "TimeoutError", "Timeout", "TimeoutException", "TransportError",
-    "NetworkError", "ConnectError", "ConnectTimeout", "ReadTimeout", "RemoteProtocolError",
-    "ChunkedEncodingError", "ClientConnectionError", "ServerTimeoutError", "gaierror",
-    "LocalEntryNotFoundError",  # huggingface_hub: hub unreachable and the file is not cached
-}  # fmt: skip
-_NOT_FOUND_NAMES = {
-    "DatasetNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError",
-    "GatedRepoError", "DataFilesNotFoundError", "EmptyDatasetError",
-}  # fmt: skip
+@dataclass(frozen=True)
+class _HubErrors:
+    """The exception types of the libraries a hub load goes through, by what they mean."""
+
+    offline: tuple[type[BaseException], ...]
+    not_found: tuple[type[BaseException], ...]
+    transient: tuple[type[BaseException], ...]  # the network, not the request: worth retrying
+    http: tuple[type[BaseException], ...]  # carry an HTTP status: 429 and 5xx are transient
+
+
+@functools.cache
+def _hub_errors() -> _HubErrors:
+    """Imported on first use: the hub's libraries are heavy, and loaded only for hf sources."""
+    from datasets.data_files import EmptyDatasetError
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+    from huggingface_hub import errors as hub
+    from huggingface_hub.utils import httpx as hub_http  # the HTTP client the hub library uses
+
+    transient: list[type[BaseException]] = [
+        ConnectionError, TimeoutError, socket.gaierror, hub_http.TransportError,
+        hub.LocalEntryNotFoundError,  # hub unreachable and the file is not cached
+    ]  # fmt: skip
+    http: list[type[BaseException]] = [hub.HfHubHTTPError, hub_http.HTTPStatusError]
+    with contextlib.suppress(ImportError):  # fsspec's streaming reads
+        import aiohttp
+
+        transient += [aiohttp.ClientConnectionError]
+        http += [aiohttp.ClientResponseError]
+    with contextlib.suppress(ImportError):
+        import requests
+
+        transient += [
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+        ]
+        http += [requests.HTTPError]
+    not_found = (
+        hub.RepositoryNotFoundError, hub.RevisionNotFoundError, hub.GatedRepoError,
+        DatasetNotFoundError, DataFilesNotFoundError, EmptyDatasetError,
+    )  # fmt: skip
+    return _HubErrors((hub.OfflineModeIsEnabled,), not_found, tuple(transient), tuple(http))
 
 
 def _classify(error: BaseException) -> str:
     """ "transient", "offline", "not_found" or "other", from the error and its causes.
 
-    Names, not classes, are matched so requests, httpx, aiohttp and huggingface_hub errors are
-    all recognised without importing them.
+    datasets re-raises the hub's errors as a plain ConnectionError chained to the original, so
+    the whole chain is looked at, most specific meaning first.
     """
     chain: list[BaseException] = []
     current: BaseException | None = error
     while current is not None and current not in chain and len(chain) < 10:
         chain.append(current)
         current = current.__cause__ or current.__context__
-    names = {cls.__name__ for exc in chain for cls in type(exc).__mro__}
-    # datasets re-raises hub errors as a plain ConnectionError naming the original in its text
-    if "OfflineModeIsEnabled" in names or any("OfflineModeIsEnabled" in str(e) for e in chain):
+    types = _hub_errors()
+    if any(isinstance(exc, types.offline) for exc in chain):
         return "offline"
-    if names & _NOT_FOUND_NAMES:
+    if any(isinstance(exc, types.not_found) for exc in chain):
         return "not_found"
     for exc in chain:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        status = status if isinstance(status, int) else getattr(exc, "status_code", None)
-        if isinstance(status, int):
-            if status == 429 or status >= 500:
+        if isinstance(exc, types.http):
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            status = getattr(exc, "status", None) if status is None else status  # aiohttp
+            if isinstance(status, int) and (status == 429 or status >= 500):
                 return "transient"
             if status in (401, 403, 404, 410):
                 return "not_found"
-    if names & _TRANSIENT_NAMES:
+    if any(isinstance(exc, types.transient) for exc in chain):
         return "transient"
     return "other"
 
