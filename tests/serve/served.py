@@ -57,4 +57,5 @@ def stored_image(root: Path, photo_id: str) -> bytes:
 
 
 def app_for(root: Path, **settings):
-    return create_app(Settings(project_dir=root, reload_interval_s=0, **settings))
+    """The app for `root`; live reloading off unless `reload_interval_s` is given."""
+    return create_app(Settings(project_dir=root, **{"reload_interval_s": 0, **settings}))
