@@ -50,10 +50,13 @@ def apply_overrides(params_path: Path, overrides: list[tuple[list[str], object]]
         node = data
         for key in keys[:-1]:
             if key not in node or not hasattr(node[key], "keys"):
-                raise ParamsError(f"{'.'.join(keys)}: unknown section {key!r}")
+                raise ParamsError(
+                    f"{'.'.join(keys)}: unknown section {key!r}; known sections: "
+                    + ", ".join(Params.model_fields)
+                )
             node = node[key]
         if keys[-1] not in node:
-            raise ParamsError(f"{'.'.join(keys)}: unknown key; see params.yaml for the known ones")
+            raise ParamsError(_unknown_key(keys, params_path))
         node[keys[-1]] = value
     from io import StringIO
 
@@ -65,6 +68,19 @@ def apply_overrides(params_path: Path, overrides: list[tuple[list[str], object]]
     except ParamsError:
         params_path.write_text(original, encoding="utf-8")
         raise
+
+
+def _unknown_key(keys: list[str], params_path: Path) -> str:
+    """Why `keys` cannot be set: not a key of its section, or a key the file does not write."""
+    section = Params.model_fields.get(keys[0]) if len(keys) == 2 else None
+    fields = section.annotation.model_fields if section else {}  # type: ignore[union-attr]
+    if keys[-1] in fields:
+        return (
+            f"{'.'.join(keys)}: {params_path} does not write this key; add it under "
+            f"{keys[0]}: (default {fields[keys[-1]].get_default(call_default_factory=True)!r})"
+        )
+    known = f"; known keys of {keys[0]}: {', '.join(fields)}" if fields else ""
+    return f"{'.'.join(keys)}: unknown key{known}"
 
 
 def check_paths(params: Params, base_dir: Path) -> None:
