@@ -51,7 +51,7 @@ def stage_args(
     shard = sharded and args.shard is not None
     if shard and not args.key:
         parser.error("--shard needs --key (shards are started by the stage itself)")
-    # A shard's stage has checked everything already; the registry check would import torch.
+    # A shard's stage has checked the cross-section rules already.
     return load_params(args.params, check=not shard), args
 
 
