@@ -15,9 +15,8 @@ from siamese_cv.core.atomic import write_json
 from siamese_cv.evaluation.scoring import embed_splits, load_test_set, score_embeddings
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
-from siamese_cv.models.pretrained import load_pretrained
+from siamese_cv.models.pretrained import load_pretrained, preprocessing_of
 from siamese_cv.models.siamese import EmbeddingNet
-from siamese_cv.training.run import preprocessing_of
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     precision = resolve_precision(params.evaluate.precision, resolve_device("auto"))
     embedder = Embedder(
         model,
-        preprocessing_of(params, card),
+        preprocessing_of(params.preprocess, card),
         precision,
         params.evaluate.batch_size,
         engine=params.evaluate.engine,

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from siamese_cv.config.params import ModelParams
+from siamese_cv.config.params import ModelParams, PreprocessParams
 from siamese_cv.core.atomic import atomic_path
 from siamese_cv.core.errors import UserError
 from siamese_cv.models.backbones import Backbone, get_backbone_spec, load_weights_file
-from siamese_cv.models.siamese import state_fingerprint
+from siamese_cv.models.siamese import Preprocessing, state_fingerprint
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "pretrained.json"
@@ -100,3 +100,11 @@ def load_pretrained(directory: Path) -> tuple[Backbone, dict[str, Any]]:
     backbone = get_backbone_spec(card["backbone"]).build()
     backbone.module.load_state_dict(load_file(str(weights)))
     return backbone, card
+
+
+def preprocessing_of(preprocess: PreprocessParams, card: dict[str, Any]) -> Preprocessing:
+    """The input pipeline of a pretrained backbone: the size and resize of `preprocess`, the
+    mean and std its card records."""
+    return Preprocessing(
+        preprocess.image_size, preprocess.resize, tuple(card["mean"]), tuple(card["std"])
+    )

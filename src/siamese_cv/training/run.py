@@ -22,8 +22,8 @@ from siamese_cv.data.parquet import read_table
 from siamese_cv.data.triplet_tables import read_schedule, read_triplets
 from siamese_cv.inference.hardware import resolve_device, resolve_precision, seed_everything
 from siamese_cv.models.ensemble import Ensemble, mean_of_normalised
-from siamese_cv.models.pretrained import load_pretrained
-from siamese_cv.models.siamese import EmbeddingNet, Preprocessing, save_checkpoint
+from siamese_cv.models.pretrained import load_pretrained, preprocessing_of
+from siamese_cv.models.siamese import EmbeddingNet, save_checkpoint
 from siamese_cv.training.distributed import SINGLE, World
 from siamese_cv.training.loop import fit
 from siamese_cv.training.settings import FitData, FitSettings, Schedule, SplitImages
@@ -53,15 +53,6 @@ def load_split(name: str) -> SplitImages:
     table = read_table(paths.PROCESSED / f"{name}.parquet", ["image", "label"])
     return SplitImages(
         table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64)
-    )
-
-
-def preprocessing_of(params: Params, card: dict[str, Any]) -> Preprocessing:
-    return Preprocessing(
-        params.preprocess.image_size,
-        params.preprocess.resize,
-        tuple(card["mean"]),
-        tuple(card["std"]),
     )
 
 
@@ -116,7 +107,7 @@ def train_and_save(
             member_params = tp.model_copy(update={"seed": tp.seed + k})
             seed_everything(member_params.seed)
             model, card, frozen = _pretrained_model(params)
-            prep = replace(preprocessing_of(params, card), input_sizes=own_sizes)
+            prep = replace(preprocessing_of(params.preprocess, card), input_sizes=own_sizes)
             settings = FitSettings(
                 member_params,
                 precision,
