@@ -258,36 +258,46 @@ class TrainParams(_Section):
         return self
 
 
-class _EmbedSection(_Section):
-    """What `evaluate` and `export` share: the embedder's engine and precision."""
-
-    engine: Literal[ENGINES] = Field(
-        "torch",
+Engine = Annotated[
+    Literal[ENGINES],
+    Field(
         description="torch | onnxruntime: the model exported to ONNX at stage start and run by "
-        "ONNX Runtime in fp32 on the CPU (needs onnxruntime and onnxscript)",
-    )
-    precision: Precision = "auto"
-    batch_size: int = Field(64, ge=1)
+        "ONNX Runtime in fp32 on the CPU (needs onnxruntime and onnxscript)"
+    ),
+]
+
+
+class _EmbedSection(_Section):
+    """What `evaluate` and `export` share: the embedder's engine must run its precision.
+
+    No fields here, so each section keeps its own key order (written into outputs and keys).
+    """
 
     @model_validator(mode="after")
     def _engine_runs_precision(self) -> _EmbedSection:
-        if self.engine == "onnxruntime" and self.precision not in ("auto", "fp32"):
+        engine, precision = self.engine, self.precision  # type: ignore[attr-defined]
+        if engine == "onnxruntime" and precision not in ("auto", "fp32"):
             section = "evaluate" if isinstance(self, EvaluateParams) else "export"
             raise ValueError(
                 f"{section}.engine: onnxruntime runs the model in fp32 on the CPU, not "
-                f"{self.precision}; set {section}.precision: auto or fp32, or "
-                f"{section}.engine: torch"
+                f"{precision}; set {section}.precision: auto or fp32, or {section}.engine: torch"
             )
         return self
 
 
 class EvaluateParams(_EmbedSection):
+    batch_size: int = Field(64, ge=1)
     recall_at: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5, 10])
+    precision: Precision = "auto"
+    engine: Engine = "torch"
 
 
 class ExportParams(_EmbedSection):
     splits: list[Literal[SPLITS]] = Field(default_factory=lambda: ["train"])
+    batch_size: int = Field(64, ge=1)
     top_k: int = Field(20, ge=1)
+    precision: Precision = "auto"
+    engine: Engine = "torch"
     shards: int = Field(
         1,
         ge=1,
