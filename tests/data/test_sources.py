@@ -530,3 +530,32 @@ def test_hub_retry_warnings_are_not_printed(monkeypatch, tmp_path: Path, caplog)
     with caplog.at_level(logging.WARNING):
         hub_log.warning("outside a load")  # the library's logging is left as it was
     assert [r.getMessage() for r in caplog.records] == ["outside a load"]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streamed"])
+def test_hf_rows_without_a_label_are_skipped_and_reported(
+    hf_cache: Path, tmp_path: Path, streaming: bool
+) -> None:
+    """A row whose ClassLabel is missing (-1) never reaches training as class -1: preprocess
+    skips it and lists it in the data report, like an unreadable image."""
+    from siamese_cv.config.params import SPLITS, PreprocessParams
+    from siamese_cv.data.parquet import RAW_SCHEMA, read_table, write_splits
+    from siamese_cv.data.preprocessing import preprocess_splits
+
+    labels = {"train": [0, -1, 1, 0, 1, 0, 1, 0, 1, -1], "test": [0, -1, 1]}  # validation sliced
+    _stand_in(hf_cache / "hub", labels)
+    _, records = _open("hf:hub", hf_cache, streaming=streaming)
+    unlabelled = {"hf/train/000001", "hf/train/000009", "hf/test/000001"}
+    assert {r.id for r in records if r.label < 0} == unlabelled
+    assert all(r.image is None and r.error == "missing label" for r in records if r.label < 0)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_splits(raw, RAW_SCHEMA, (r.row() for r in records), 256, SPLITS)
+    report = preprocess_splits(raw, tmp_path / "processed", PreprocessParams(image_size=16))
+    skipped = {f["id"]: f["reason"] for f in report["skipped"]["files"]}
+    assert skipped == dict.fromkeys(unlabelled, "missing label")
+    kept = [
+        read_table(tmp_path / "processed" / f"{s}.parquet", ["label"]).column("label").to_pylist()
+        for s in SPLITS
+    ]
+    assert sum(map(len, kept)) == 13 - 3 and all(0 <= label <= 1 for split in kept for label in split)

@@ -337,7 +337,11 @@ def _stream_iterable(
         held = {
             int(i)
             for i in stratified_holdout(
-                ((f"{i:06d}", label) for i, label in enumerate(labels) if label >= 0),
+                (
+                    (f"{i:06d}", label)
+                    for i, label in enumerate(labels)
+                    if _has_class(label, class_names)
+                ),
                 fraction,
                 seed,
             )
@@ -369,7 +373,13 @@ def _stream_hub(
     else:
         labels = list(train[label_col])
         held_ids = stratified_holdout(
-            ((f"{i:06d}", label) for i, label in enumerate(labels) if label >= 0), fraction, seed
+            (
+                (f"{i:06d}", label)
+                for i, label in enumerate(labels)
+                if _has_class(label, class_names)
+            ),
+            fraction,
+            seed,
         )
         held = sorted(int(i) for i in held_ids)
         kept = sorted(set(range(len(labels))) - set(held))
@@ -403,8 +413,10 @@ def _hub_records(
         for image, label in zip(batch[image_col], batch[label_col], strict=True):
             row = next(positions)
             data, error = _hub_image_bytes(image)
-            if not 0 <= label < len(class_names):
-                label, error = -1, error or "missing label"
+            if not _has_class(label, class_names):
+                # no class to train on: skipped by preprocess and listed in its data report
+                reason = "missing label" if label in (None, -1) else f"label {label} out of range"
+                label, data, error = -1, None, error or reason
             yield Record(
                 id=f"hf/{hub_name}/{row:06d}",
                 split="validation" if held is not None and row in held else split,
@@ -414,6 +426,11 @@ def _hub_records(
                 image=data,
                 error=error,
             )
+
+
+def _has_class(label: Any, class_names: list[str]) -> bool:
+    """Whether a label cell names one of the classes (not missing, -1 or out of range)."""
+    return isinstance(label, int) and 0 <= label < len(class_names)
 
 
 def _hub_image_bytes(image: dict | None) -> tuple[bytes | None, str | None]:
