@@ -558,4 +558,5 @@ def test_hf_rows_without_a_label_are_skipped_and_reported(
         read_table(tmp_path / "processed" / f"{s}.parquet", ["label"]).column("label").to_pylist()
         for s in SPLITS
     ]
-    assert sum(map(len, kept)) == 13 - 3 and all(0 <= label <= 1 for split in kept for label in split)
+    assert sum(map(len, kept)) == 13 - 3
+    assert all(0 <= label <= 1 for split in kept for label in split)
