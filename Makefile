@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro repro-offline test lint bench clean
+.PHONY: setup repro repro-offline test lint bench serve clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check src stages tests benchmarks
+
+# the web page and HTTP API on http://127.0.0.1:8000 (docs/serving.md); ARGS="--port 9000 ..."
+serve: setup
+	$(BIN)/siamese-serve $(ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
