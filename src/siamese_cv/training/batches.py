@@ -19,6 +19,18 @@ from torch.utils.data import Dataset
 from siamese_cv.inference.embedder import decode_batch, to_tensor
 from siamese_cv.models.siamese import Preprocessing
 
+# the random streams that `stream_seed` keeps apart
+CACHED_VIEW, STEP_AUGMENT, VIEW_CHOICE = 0, 1, 2
+
+
+def stream_seed(*key: int) -> int:
+    """A 63-bit seed for the random stream that `key` (non-negative ints) names.
+
+    numpy's SeedSequence mixes the key's entropy the same way on every platform and Python
+    version, and close keys give unrelated seeds, which `hash()` of a tuple does not promise.
+    """
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0] >> 1)
+
 
 def augmenter(size: int):
     """Random resized crop, horizontal flip and mild colour jitter: photos of dishes stay dishes.
@@ -50,7 +62,7 @@ def augmented_batches(
     def make(start: int) -> torch.Tensor:
         images = []
         for row in range(start, min(start + batch_size, len(encoded))):
-            torch.manual_seed(hash((seed, -1 - view, row)) % 2**63)
+            torch.manual_seed(stream_seed(seed, CACHED_VIEW, view, row))
             images.append(transform(Image.open(io.BytesIO(encoded[row])).convert("RGB")))
         return to_tensor(images, prep)
 
@@ -97,6 +109,6 @@ class StepDataset(Dataset):
             return decode_batch(encoded, self.prep), torch.from_numpy(inverse.astype(np.int64))
         if self._transform is None:
             self._transform = augmenter(self.prep.image_size)
-        torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+        torch.manual_seed(stream_seed(self.seed, STEP_AUGMENT, self.epoch, index))
         images = [self._transform(Image.open(io.BytesIO(data)).convert("RGB")) for data in encoded]
         return to_tensor(images, self.prep), torch.from_numpy(inverse.astype(np.int64))

@@ -19,7 +19,7 @@ import torch
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import Precision
 from siamese_cv.models.siamese import Preprocessing
-from siamese_cv.training.batches import augmented_batches
+from siamese_cv.training.batches import VIEW_CHOICE, augmented_batches, stream_seed
 from siamese_cv.training.settings import SplitImages
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def views_for(
     if n_views == 1:
         return torch.zeros(len(unique), dtype=torch.long)
     every = np.unique(np.asarray(step_rows))
-    generator = torch.Generator().manual_seed(hash((seed, epoch, step)) % 2**63)
+    generator = torch.Generator().manual_seed(stream_seed(seed, VIEW_CHOICE, epoch, step))
     draws = torch.randint(n_views, (len(every),), generator=generator)
     return draws[torch.from_numpy(np.searchsorted(every, unique.numpy()))]
 
