@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from siamese_cv.core.errors import UserError
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
 from siamese_cv.training import distributed
 from siamese_cv.training.epochs import Trainer
@@ -139,12 +138,8 @@ def _prepare(
         params.loss, params.margin, num_classes, model.embedding_dim, params.proxy_alpha
     ).to(device)
     loss_fn, miner = base_loss, build_miner(params.miner, params.margin, params.loss)
+    # with pk batches only: params' cross-section check says so in one line
     cross = world.distributed and params.cross_rank_negatives
-    if cross and data.schedule.triplets:
-        raise UserError(
-            "train.cross_rank_negatives: fixed triplets already name their negatives; "
-            "set triplets.sampler: pk or train.cross_rank_negatives: false"
-        )
     if cross:
         loss_fn, miner = distributed.cross_rank(loss_fn, miner)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
