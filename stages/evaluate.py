@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gallery.vectors,
         gallery_images,
         gallery.label_names,
-        top=min(10, params.export.top_k),
+        top=min(10, params.evaluate.top_k),
     )
     base = metrics["baseline"]
     log.info(

@@ -288,6 +288,9 @@ class _EmbedSection(_Section):
 class EvaluateParams(_EmbedSection):
     batch_size: int = Field(64, ge=1)
     recall_at: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5, 10])
+    top_k: int = Field(
+        20, ge=1, description="neighbours per query in the retrieval figure (10 at most)"
+    )
     precision: Precision = "auto"
     engine: Engine = "torch"
 
@@ -295,7 +298,6 @@ class EvaluateParams(_EmbedSection):
 class ExportParams(_EmbedSection):
     splits: list[Literal[SPLITS]] = Field(default_factory=lambda: ["train"])
     batch_size: int = Field(64, ge=1)
-    top_k: int = Field(20, ge=1)
     precision: Precision = "auto"
     engine: Engine = "torch"
     shards: int = Field(

@@ -60,7 +60,7 @@ def export_key(export: Any, processed: Path = paths.PROCESSED, model: Path = pat
             "stage": "export_gallery",
             "model": config.get("fingerprint"),
             "processed": fingerprint_files([processed / f"{s}.parquet" for s in export.splits]),
-            "params": {k: v for k, v in export.__dict__.items() if k != "top_k"},
+            "params": dict(export.__dict__),
             "code": code_digest(sys.modules[__name__], embedding, gallery),
             "torch": torch.__version__,
         }
