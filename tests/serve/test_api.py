@@ -260,6 +260,16 @@ def test_queries_batched_together_give_the_vectors_of_one_at_a_time(served_proje
             finally:
                 await batcher.stop()
 
+    async def alone_in_a_long_window() -> np.ndarray:
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(pool, wait_s=3600, max_batch=4)  # an hour's window
+            batcher.start()
+            try:  # nothing else is coming: it does not wait for the window
+                return await asyncio.wait_for(batcher.embed(engine, images[0]), 120)
+            finally:
+                await batcher.stop()
+
+    assert np.allclose(asyncio.run(alone_in_a_long_window()), alone[0], atol=1e-6)
     batched = np.stack(asyncio.run(together()))
     assert sizes == [4, 1]  # queued together: one batch of the cap, then the rest
     assert np.allclose(batched, alone, atol=1e-6)

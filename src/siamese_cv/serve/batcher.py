@@ -1,6 +1,8 @@
 """Micro-batching: queries that arrive together are embedded in one forward pass.
 
-The first query of a batch waits at most `wait_s` for others, up to `max_batch`; embedding runs
+The first query of a batch waits at most `wait_s` for others, up to `max_batch`, and only while
+another request is on its way (announced with `coming()` before its upload is decoded): a lone
+query never waits for company that is not coming. Embedding runs
 in one worker thread, off the event loop, so queries that arrive meanwhile form the next batch.
 Each batch is embedded by the engine its queries were given (a swap mid-batch splits it).
 Vectors are those of one-at-a-time embedding: the network sees each image independently
@@ -46,6 +48,16 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+        self._coming = 0
+
+    @contextlib.contextmanager
+    def coming(self):
+        """Mark a query as on its way (decoding) while the body runs, so a batch waits for it."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -75,7 +87,7 @@ class MicroBatcher:
                     batch.append(self._queue.get_nowait())
                     continue
                 left = deadline - loop.time()
-                if left <= 0:
+                if left <= 0 or self._coming == 0:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), left))

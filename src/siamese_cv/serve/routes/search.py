@@ -47,14 +47,18 @@ async def search(
     top = check_top(top, request)
     engine = current_engine(request)
     label = check_label(label, engine)
-    data = await image.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise HTTPException(413, too_large(len(data), settings).detail)
-    try:
-        prepared, (width, height) = await run_in_threadpool(prepare_upload, data, engine, settings)
-    except Refused as refused:
-        raise HTTPException(refused.status, refused.detail) from None
-    vector = await request.app.state.batcher.embed(engine, prepared)
+    batcher = request.app.state.batcher
+    with batcher.coming():  # a batch forming now waits for this query
+        data = await image.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise HTTPException(413, too_large(len(data), settings).detail)
+        try:
+            prepared, (width, height) = await run_in_threadpool(
+                prepare_upload, data, engine, settings
+            )
+        except Refused as refused:
+            raise HTTPException(refused.status, refused.detail) from None
+    vector = await batcher.embed(engine, prepared)
     hits = await run_in_threadpool(_search, engine, vector, top, label)
     return SearchResponse(
         query=QuerySize(width=width, height=height, bytes=len(data)),
