@@ -7,6 +7,11 @@ fingerprint, so a changed upstream dataset changes this stage's output.
 
 from __future__ import annotations
 
+try:  # `dvc repro` runs the `python` on PATH: without the venv, say what to do in one line
+    import siamese_cv  # noqa: F401
+except ModuleNotFoundError as missing:
+    raise SystemExit(f"{missing}: run `source .venv/bin/activate` or `make repro`") from None
+
 import json
 import logging
 from collections.abc import Sequence

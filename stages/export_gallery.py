@@ -6,6 +6,11 @@ meta.json holds the model fingerprint, dimension and preprocessing that search c
 
 from __future__ import annotations
 
+try:  # `dvc repro` runs the `python` on PATH: without the venv, say what to do in one line
+    import siamese_cv  # noqa: F401
+except ModuleNotFoundError as missing:
+    raise SystemExit(f"{missing}: run `source .venv/bin/activate` or `make repro`") from None
+
 import logging
 import os
 import sys

@@ -9,6 +9,11 @@ started by torchrun (one per node when `train.nodes` > 1) it is one of them. doc
 
 from __future__ import annotations
 
+try:  # `dvc repro` runs the `python` on PATH: without the venv, say what to do in one line
+    import siamese_cv  # noqa: F401
+except ModuleNotFoundError as missing:
+    raise SystemExit(f"{missing}: run `source .venv/bin/activate` or `make repro`") from None
+
 import logging
 from collections.abc import Sequence
 
