@@ -2,6 +2,8 @@
 
 embeddings.parquet holds id, split, label, label_name and the L2-normalised float32 vector;
 meta.json holds the model fingerprint, dimension and preprocessing that search checks against.
+With `export.shards` > 1 torch's elastic launcher runs this script as shard workers
+(`--shard-key`), one per GPU or sharing the cores, here or on `--nnodes` machines.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ except ModuleNotFoundError as missing:
 
 import logging
 import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,13 +23,14 @@ import torch
 from siamese_cv.config.params import Params
 from siamese_cv.config.stage import run_stage, stage_args
 from siamese_cv.core import paths
+from siamese_cv.core.shards import Nodes, nodes_from_args
 from siamese_cv.data.parquet import read_table
 from siamese_cv.data.preprocessing import available_cores
 from siamese_cv.inference.embedder import Embedder, import_onnxruntime
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint
 from siamese_cv.retrieval.gallery import gallery_table, write_gallery
-from siamese_cv.retrieval.gallery_shards import embed_shard, run_export_shards
+from siamese_cv.retrieval.gallery_shards import export_worker, run_export_shards
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +38,18 @@ log = logging.getLogger(__name__)
 def main(argv: Sequence[str] | None = None) -> int:
     params, args = stage_args(argv, __doc__, sharded=True)
     export = params.export
-    if export.shards > 1 and args.shard is None:
-        return _sharded(params, args.params)
+    nodes = nodes_from_args(args)
+    nodes.require_shards("export", export.shards)
+    if export.shards > 1 and args.shard_key is None:
+        return _sharded(params, args.params, nodes)
     model, config = load_checkpoint(paths.MODEL)
     prep = Preprocessing.from_dict(config["preprocessing"])
     precision = resolve_precision(params.export.precision, resolve_device("auto"))
-    if args.shard is not None:
+    if args.shard_key is not None:
         if precision.device.type == "cpu" or export.engine != "torch":
-            torch.set_num_threads(args.workers)  # the cores are shared by the running shards
+            torch.set_num_threads(args.workers)  # the cores are shared by the running workers
         embedder = Embedder(model, prep, precision, export.batch_size, engine=export.engine)
-        rows = embed_shard(embedder, export, args.shard, args.key)
-        log.info(f"export_gallery: shard {args.shard} of {export.shards}: {rows} vectors")
+        export_worker(embedder, export, args.shard_key)
         return 0
     embedder = Embedder(model, prep, precision, export.batch_size, engine=export.engine)
     ids, splits, labels, names, vectors = [], [], [], [], []
@@ -81,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _sharded(params: Params, params_file: str) -> int:
+def _sharded(params: Params, params_file: str, nodes: Nodes) -> int:
     export = params.export
     device = resolve_device("auto")
     resolve_precision(export.precision, device)  # a bad choice is one line here, not N shards'
@@ -89,11 +92,8 @@ def _sharded(params: Params, params_file: str) -> int:
         import_onnxruntime()  # a missing package too
     _, config = load_checkpoint(paths.MODEL)  # a missing model too
 
-    def shard_command(index: int, key: str, threads: int) -> list[str]:
-        return [
-            sys.executable, os.path.relpath(__file__), "--params", params_file,
-            "--shard", str(index), "--key", key, "--workers", str(threads),
-        ]  # fmt: skip
+    def worker(threads: int) -> list[str]:
+        return [os.path.relpath(__file__), "--params", params_file, "--workers", str(threads)]
 
     meta = {
         "model_fingerprint": config["fingerprint"],
@@ -106,7 +106,10 @@ def _sharded(params: Params, params_file: str) -> int:
     }
     # the onnxruntime engine runs on the CPU: its shards share the cores, not the GPUs
     gpus = torch.cuda.device_count() if device.type == "cuda" and export.engine == "torch" else 0
-    count, dim = run_export_shards(export, meta, shard_command, gpus, available_cores())
+    merged = run_export_shards(export, meta, worker, nodes, gpus, available_cores())
+    if merged is None:
+        return 0  # node 0 merges and writes the gallery
+    count, dim = merged
     log.info(
         f"export_gallery: {count} vectors of dimension {dim} "
         f"({', '.join(export.splits)}) -> {paths.GALLERY}"

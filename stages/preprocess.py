@@ -2,8 +2,9 @@
 
 Unreadable images are skipped, never fatal, and listed with their reasons in
 metrics/data_report.json; a class left with one image or a split left empty stops the pipeline,
-because no triplet could be drawn from it. With `preprocess.shards` > 1 the stage runs itself
-once per shard (`--shard I`) and merges the pieces into the same files.
+because no triplet could be drawn from it. With `preprocess.shards` > 1 torch's elastic launcher
+runs this script as shard workers (`--shard-key`), here or on `--nnodes` machines, and the stage
+merges their pieces into the same files.
 """
 
 from __future__ import annotations
@@ -15,37 +16,31 @@ except ModuleNotFoundError as missing:
 
 import logging
 import os
-import sys
 from collections.abc import Sequence
 
 from siamese_cv.config.stage import run_stage, stage_args
 from siamese_cv.core import paths
 from siamese_cv.core.atomic import write_json
 from siamese_cv.core.errors import UserError
-from siamese_cv.data.preprocessing import preprocess_shard, preprocess_splits
+from siamese_cv.core.shards import nodes_from_args
+from siamese_cv.data.preprocessing import preprocess_splits, preprocess_worker
 
 log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     params, args = stage_args(argv, __doc__, sharded=True)
-    count = params.preprocess.shards
-    if args.shard is not None:
-        manifest = preprocess_shard(
-            paths.RAW, params.preprocess, args.shard, args.key, args.workers
-        )
-        kept = sum(sum(c.values()) for c in manifest["kept"].values())
-        skipped = sum(map(len, manifest["skipped"].values()))
-        log.info(f"preprocess: shard {args.shard} of {count}: kept {kept}, skipped {skipped}")
+    if args.shard_key:
+        preprocess_worker(paths.RAW, params.preprocess, args.shard_key, args.workers)
         return 0
 
-    def shard_command(index: int, key: str, workers: int) -> list[str]:
-        return [
-            sys.executable, os.path.relpath(__file__), "--params", args.params,
-            "--shard", str(index), "--key", key, "--workers", str(workers),
-        ]  # fmt: skip
+    def worker(workers: int) -> list[str]:
+        return [os.path.relpath(__file__), "--params", args.params, "--workers", str(workers)]
 
-    report = preprocess_splits(paths.RAW, paths.PROCESSED, params.preprocess, shard_command)
+    nodes = nodes_from_args(args)
+    report = preprocess_splits(paths.RAW, paths.PROCESSED, params.preprocess, worker, nodes)
+    if report is None:
+        return 0  # node 0 merges and writes the report
     write_json(paths.DATA_REPORT, report)
     if report["problems"]:
         more = len(report["problems"]) - 1

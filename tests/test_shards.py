@@ -1,10 +1,16 @@
-"""Shards: row ranges, piece bookkeeping, shard processes, and a sharded preprocess that writes
-the same bytes as a single-shard one (in-process here; tests/test_robustness.py kills shards
-under the real `dvc repro`)."""
+"""Shards: row ranges, piece bookkeeping, and sharded preprocessing through torch's elastic
+launcher: workers on this machine, two launcher agents on 127.0.0.1 as two "nodes", a killed
+worker and the run that resumes it; every sharded output is byte for byte the single-shard one
+(tests/test_robustness.py kills shards under the real `dvc repro`)."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,9 +22,11 @@ from PIL import Image
 
 from siamese_cv.config.params import SPLITS, PreprocessParams
 from siamese_cv.core.errors import UserError
-from siamese_cv.core.shards import ShardStore, describe_exit, run_shards, shard_range
+from siamese_cv.core.shards import Nodes, ShardStore, describe_exit, shard_range
 from siamese_cv.data.parquet import RAW_SCHEMA, iter_row_range, write_splits
 from siamese_cv.data.preprocessing import preprocess_splits
+
+STAGE = Path(__file__).resolve().parents[1] / "stages" / "preprocess.py"
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 64, 1001])
@@ -32,12 +40,8 @@ def test_shard_ranges_cover_the_rows_in_order(rows, count, align) -> None:
     assert all(start % align == 0 for start, _ in ranges)
     sizes = [stop - start for start, stop in ranges]
     assert max(sizes) - min(sizes) <= align * 2  # balanced to within a block (or two at the end)
-
-
-@pytest.mark.parametrize("index", [-1, 4])
-def test_a_shard_index_out_of_range_is_one_line_naming_the_flag(index) -> None:
-    with pytest.raises(UserError, match=rf"^--shard {index} is not in 0\.\.3: there are 4 shards"):
-        shard_range(100, index, 4)
+    with pytest.raises(ValueError, match=rf"shard {count} is not in 0\.\.{count - 1}"):
+        shard_range(rows, count, count, align)
 
 
 def test_row_ranges_read_the_same_rows_as_a_slice(tmp_path: Path) -> None:
@@ -58,7 +62,9 @@ def test_a_piece_counts_only_when_complete_and_under_its_key(tmp_path: Path) -> 
     store = ShardStore(tmp_path / "pieces", 3)
     with store.write(0, "k1", {"n": 1}) as tmp:
         (tmp / "a.bin").write_bytes(b"a")
+        assert store.writing(os.getpid()) == 0  # how a killed worker's shard is named
     assert store.done(0, "k1") and not store.done(0, "k2") and not store.done(1, "k1")
+    assert store.finished("k1") == [0] and store.writing(os.getpid()) is None
     assert store.manifest(0) == {"n": 1, "key": "k1", "shard": 0, "count": 3}
     with pytest.raises(RuntimeError), store.write(1, "k1", {}) as tmp:
         (tmp / "a.bin").write_bytes(b"half")
@@ -75,14 +81,25 @@ def test_a_piece_counts_only_when_complete_and_under_its_key(tmp_path: Path) -> 
     assert not (tmp_path / "pieces").exists()
 
 
-def test_shard_processes_run_side_by_side_and_failures_are_reported(tmp_path: Path) -> None:
-    script = (
-        "import sys, time, pathlib; i = int(sys.argv[1]); time.sleep(0.2);"
-        f"pathlib.Path(r'{tmp_path}', str(i)).touch(); sys.exit(3 if i == 2 else 0)"
-    )
-    failed = run_shards(lambda i: [sys.executable, "-c", script, str(i)], [0, 1, 2, 3], 2)
-    assert failed == {2: 3}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1", "2", "3"]  # kept going
+@pytest.mark.parametrize(
+    "nodes, message",
+    [
+        (dict(nnodes=0), r"^--nnodes 0: give 1 or more"),
+        (dict(nnodes=2, node_rank=2, rdzv_endpoint="h:1"), r"^--node-rank 2 is not in 0\.\.1"),
+        (dict(nnodes=2), r"^--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
+        (dict(nproc_per_node=0), r"^--nproc-per-node 0: give 1 or more"),
+    ],
+)
+def test_launch_options_are_checked_in_one_line(nodes, message) -> None:
+    with pytest.raises(UserError, match=message):
+        Nodes(**nodes)
+
+
+def test_several_machines_need_several_shards(tmp_path) -> None:
+    nodes = Nodes(nnodes=2, node_rank=1, rdzv_endpoint="127.0.0.1:1")
+    assert not nodes.merges and Nodes().merges
+    with pytest.raises(UserError, match=r"^--nnodes 2 shares .* preprocess\.shards is 1: set"):
+        preprocess_splits(tmp_path, tmp_path / "out", PreprocessParams(), None, nodes)
     assert describe_exit(-9) == "killed by SIGKILL" and describe_exit(2) == "exit status 2"
 
 
@@ -107,73 +124,156 @@ def _raw(folder: Path, per_split: int) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("shards", [2, 3, 7])
-def test_sharded_preprocess_writes_the_single_shard_bytes(tmp_path, monkeypatch, shards) -> None:
-    monkeypatch.chdir(tmp_path)  # the pieces live under data/.shards, relative to the project
-    raw = _raw(tmp_path / "data/raw", 40)
+def _project(tmp_path: Path, shards: int, per_split: int = 40) -> tuple[Path, PreprocessParams]:
+    """A project folder with data/raw and a params.yaml the stage's workers read."""
+    _raw(tmp_path / "data/raw", per_split)
+    text = f"preprocess:\n  image_size: 16\n  row_group_size: 8\n  workers: 2\n  shards: {shards}\n"
+    (tmp_path / "params.yaml").write_text(text)
+    return tmp_path, PreprocessParams(image_size=16, row_group_size=8, workers=2, shards=shards)
+
+
+def _single(project: Path) -> dict:
+    """The single-shard run's files (bytes) and report, written beside the project."""
     one = PreprocessParams(image_size=16, row_group_size=8, workers=1)
-    many = PreprocessParams(image_size=16, row_group_size=8, workers=2, shards=shards)
-    single = preprocess_splits(raw, tmp_path / "one", one)
-
-    def command(index: int, key: str, workers: int) -> list[str]:
-        code = (
-            "import sys; from pathlib import Path;"
-            "from siamese_cv.config.params import PreprocessParams;"
-            "from siamese_cv.data.preprocessing import preprocess_shard;"
-            f"preprocess_shard(Path('data/raw'), PreprocessParams(image_size=16, row_group_size=8,"
-            f" shards={shards}), {index}, {key!r}, {workers})"
-        )
-        return [sys.executable, "-c", code]
-
-    sharded = preprocess_splits(raw, tmp_path / "many", many, command)
-    for split in SPLITS:
-        a, b = tmp_path / "one" / f"{split}.parquet", tmp_path / "many" / f"{split}.parquet"
-        assert a.read_bytes() == b.read_bytes(), split
-        assert pq.ParquetFile(b).metadata.num_row_groups == 5  # 39 rows in groups of 8
-    assert single.pop("preprocess")["shards"] == 1
-    assert sharded.pop("preprocess")["shards"] == shards
-    assert single == sharded  # same counts, the same skipped files in the same order
-    assert [f["id"] for f in single["skipped"]["files"]] == [f"{s}/005" for s in SPLITS]
-    assert not (tmp_path / "data/.shards").exists()
+    report = preprocess_splits(project / "data/raw", project / "one", one)
+    report.pop("preprocess")
+    return {"report": report, **_files(project / "one")}
 
 
-def test_a_failed_shard_keeps_the_others_for_the_next_run(tmp_path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    raw = _raw(tmp_path / "data/raw", 20)
-    params = PreprocessParams(image_size=16, row_group_size=8, workers=2, shards=3)
-    runs: list[int] = []
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
-    def command(index: int, key: str, workers: int) -> list[str]:
-        first = index not in runs
-        runs.append(index)
-        fail = "raise SystemExit(1)" if index == 1 and first else "pass"
-        code = (
-            f"{fail}\nfrom pathlib import Path\n"
-            "from siamese_cv.config.params import PreprocessParams\n"
-            "from siamese_cv.data.preprocessing import preprocess_shard\n"
-            "preprocess_shard(Path('data/raw'), PreprocessParams(image_size=16,"
-            f" row_group_size=8, shards=3), {index}, {key!r}, {workers})"
-        )
-        return [sys.executable, "-c", code]
 
-    with pytest.raises(UserError, match=r"shard 1 \(exit status 1\) of 3 failed"):
-        preprocess_splits(raw, tmp_path / "out", params, command)
-    assert not (tmp_path / "out").exists()
-    done = sorted(p.name for p in (tmp_path / "data/.shards/preprocess").iterdir())
-    assert done == ["shard-0-of-3", "shard-2-of-3"]
-    runs.clear()
-    runs.append(1)  # shard 1 now succeeds
-    preprocess_splits(raw, tmp_path / "out", params, command)
-    assert runs == [1, 1]  # only shard 1 ran again
-    assert not (tmp_path / "data/.shards").exists()
+def _stage_worker(workers: int) -> list[str]:
+    """The argv after python of a shard worker: the stage script, as stages/preprocess.py has."""
+    return [str(STAGE), "--params", "params.yaml", "--workers", str(workers)]
 
-    with pytest.raises(UserError):
-        preprocess_splits(raw, tmp_path / "out2", params, lambda i, k, w: ["false"])
-    changed = PreprocessParams(image_size=24, row_group_size=8, workers=2, shards=3)
-    runs.clear()
-    runs.append(1)
-    preprocess_splits(raw, tmp_path / "out2", changed, command)  # new key: no stale pieces
-    assert sorted(runs[1:]) == [0, 1, 2]
+
+def test_sharded_preprocess_writes_the_single_shard_bytes(tmp_path, monkeypatch) -> None:
+    """3 shards on 2 workers that torch's elastic launcher starts: the files, row groups and
+    report of one shard."""
+    project, params = _project(tmp_path, shards=3)
+    monkeypatch.chdir(project)  # the pieces live under data/.shards, relative to the project
+    single = _single(project)
+    report = preprocess_splits(project / "data/raw", project / "many", params, _stage_worker)
+    assert report.pop("preprocess")["shards"] == 3
+    assert {"report": report, **_files(project / "many")} == single
+    for split in SPLITS:  # 39 readable rows in groups of 8, whatever the shards
+        assert pq.ParquetFile(project / "many" / f"{split}.parquet").metadata.num_row_groups == 5
+    assert [f["id"] for f in report["skipped"]["files"]] == [f"{s}/005" for s in SPLITS]
+    assert not (project / "data/.shards").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_launcher_agents_as_two_nodes_write_the_single_shard_bytes(
+    tmp_path, monkeypatch
+) -> None:
+    """Two `stages/preprocess.py --nnodes 2` processes meet in a c10d rendezvous on a free
+    localhost port, their workers share the shards through it, and node 0 merges them into the
+    bytes of one shard; node 1 writes no output."""
+    project, _ = _project(tmp_path, shards=4)
+    monkeypatch.chdir(project)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(STAGE),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--rdzv-endpoint",
+                endpoint,
+                "--nproc-per-node",
+                "1",
+            ],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (1, 0)
+    ]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (out, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, (out, err)
+    (out1, _), (out0, _) = outputs
+    assert "this machine's shards are done; node 0 merges the pieces" in out1
+    # one world of two workers, one on each node, that ran every shard exactly once
+    ranks = [
+        int(r) for out in (out0, out1) for r in re.findall(r"preprocess worker (\d): done", out)
+    ]
+    assert sorted(ranks) == [0, 1], (out0, out1)
+    ran = [
+        int(i)
+        for out in (out0, out1)
+        for i in re.findall(r"^preprocess: shard (\d) of 4:", out, re.M)
+    ]
+    assert sorted(ran) == [0, 1, 2, 3], (out0, out1)
+    single = _single(project)
+    report = json.loads((project / "metrics/data_report.json").read_text())
+    assert report.pop("preprocess")["shards"] == 4
+    assert {"report": report, **_files(project / "data/processed")} == single
+    assert not (project / "data/.shards").exists()
+
+
+FLAKY_WORKER = """
+import os, signal, sys
+from pathlib import Path
+from siamese_cv.config.params import PreprocessParams
+from siamese_cv.data import preprocessing
+
+real = preprocessing.preprocess_range
+def flaky(raw, out, params, pool, index, count):
+    with open("ran.txt", "a") as log:
+        log.write(f"{index}\\n")
+    if index == 1 and Path("kill-shard-1").exists():  # half-way through its piece
+        Path("kill-shard-1").unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(raw, out, params, pool, index, count)
+preprocessing.preprocess_range = flaky
+params = PreprocessParams(image_size=16, row_group_size=8, shards=3)
+preprocessing.preprocess_worker(Path("data/raw"), params, sys.argv[-1], 1)
+"""
+
+
+def test_a_killed_worker_leaves_no_output_and_the_rerun_resumes(tmp_path, monkeypatch) -> None:
+    project, params = _project(tmp_path, shards=3, per_split=20)
+    monkeypatch.chdir(project)
+    (project / "kill-shard-1").touch()
+    ran = project / "ran.txt"
+
+    def worker(workers: int) -> list[str]:
+        return ["-c", FLAKY_WORKER, "--workers", str(workers)]  # the key is appended
+
+    out = project / "data/processed"
+    with pytest.raises(UserError, match=r"^preprocess: shard 1 \(killed by SIGKILL\) of 3 failed"):
+        preprocess_splits(project / "data/raw", out, params, worker)
+    assert not out.exists()  # nothing DVC would take for a finished output
+    pieces = project / "data/.shards/preprocess"
+    store = ShardStore(pieces, 3)
+    done = [i for i in range(3) if (store.piece(i) / "done.json").is_file()]
+    assert 1 not in done
+    assert all(p.name.startswith(".tmp-") or p.name in {f"shard-{i}-of-3" for i in done}
+               for p in pieces.iterdir())  # fmt: skip
+    ran.unlink()
+    report = preprocess_splits(project / "data/raw", out, params, worker)
+    assert sorted(map(int, ran.read_text().split())) == [i for i in range(3) if i not in done]
+    report.pop("preprocess")
+    assert {"report": report, **_files(out)} == _single(project)
+    assert not (project / "data/.shards").exists()
 
 
 @pytest.mark.parametrize("rows, cut", [(50, [0, 7, 16, 33, 50]), (16, [0, 16]), (5, [0, 2, 5])])

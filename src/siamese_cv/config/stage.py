@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from pathlib import Path
 from siamese_cv.config.params import PARAMS_FILE, Params, load_params
 from siamese_cv.core import logs
 from siamese_cv.core.errors import run_cli
+from siamese_cv.core.shards import add_launch_arguments
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +28,10 @@ def stage_params(argv: Sequence[str] | None, description: str) -> Params:
 def stage_args(
     argv: Sequence[str] | None, description: str, sharded: bool = False
 ) -> tuple[Params, argparse.Namespace]:
-    """Parse a stage's arguments; a `sharded` stage also takes the options of one shard's run.
+    """Parse a stage's arguments; a `sharded` stage also takes the launcher's options.
 
-    `--shard I --key K --workers W` are what a sharded stage passes to its own shard processes
-    (see `siamese_cv.core.shards`); without `--shard` the stage runs whole.
+    `--nnodes`, `--rdzv-endpoint`, ... say where its shards run; `--shard-key K --workers W` is
+    how the stage starts its own shard workers (see `siamese_cv.core.shards`).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
@@ -43,15 +45,11 @@ def stage_args(
         "-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars"
     )
     if sharded:
-        parser.add_argument("--shard", type=int, help="run only this shard (started by the stage)")
-        parser.add_argument("--key", help="the shard's input key (set by the stage)")
-        parser.add_argument("--workers", type=int, default=1, help="processes or threads to use")
+        add_launch_arguments(parser)
     args = parser.parse_args(argv)
     logs.configure("verbose" if args.verbose else "quiet" if args.quiet else None)
-    shard = sharded and args.shard is not None
-    if shard and not args.key:
-        parser.error("--shard needs --key (shards are started by the stage itself)")
-    # A shard's stage has checked the cross-section rules already.
+    shard = sharded and args.shard_key is not None
+    # A shard worker's stage has checked the cross-section rules already.
     return load_params(args.params, check=not shard), args
 
 
@@ -61,7 +59,7 @@ def run_stage(main: Callable[[Sequence[str] | None], int | None]) -> None:
     status = run_cli(main)
     if status == 0:
         name = Path(sys.argv[0]).stem
-        if "--shard" in sys.argv[:-1]:
-            name += f" shard {sys.argv[sys.argv.index('--shard') + 1]}"
+        if "--shard-key" in sys.argv:
+            name += f" worker {os.environ.get('RANK', 0)}"
         log.info("%s: done in %.1f s", name, time.perf_counter() - started)
     sys.exit(status)

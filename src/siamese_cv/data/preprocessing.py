@@ -1,7 +1,7 @@
 """Raw splits -> resized, re-encoded parquet splits, in parallel, with a report of what was skipped.
 
-With `preprocess.shards: N` > 1 each split's rows are cut into N contiguous ranges; shard i's
-process writes the resized rows of range i of every split as a piece (see `siamese_cv.core.shards`),
+With `preprocess.shards: N` > 1 each split's rows are cut into N contiguous ranges; the shard
+workers (see `siamese_cv.core.shards`) write the resized rows of range i of every split as piece i,
 and the pieces are concatenated in shard order into the same `<split>.parquet` files, row groups
 and bytes, that one shard writes.
 """
@@ -23,17 +23,17 @@ from typing import Any
 
 from siamese_cv.config.params import SPLITS, PreprocessParams
 from siamese_cv.core.atomic import atomic_path
-from siamese_cv.core.errors import UserError
 from siamese_cv.core.logs import progress
 from siamese_cv.core.shards import (
     SHARDS_ROOT,
+    Nodes,
     ShardStore,
     code_digest,
-    describe_exit,
     fingerprint_files,
     make_key,
     run_shards,
     shard_range,
+    work_shards,
 )
 from siamese_cv.data.images import ImageError, prepare_image
 from siamese_cv.data.parquet import (
@@ -191,41 +191,52 @@ def shard_key(raw_dir: Path, params: PreprocessParams) -> str:
     )
 
 
-def preprocess_shard(
-    raw_dir: Path, params: PreprocessParams, index: int, key: str, workers: int
-) -> dict[str, Any]:
-    """Shard `index`'s process: write its piece under `key`; returns its manifest."""
+def preprocess_worker(raw_dir: Path, params: PreprocessParams, key: str, workers: int) -> list[int]:
+    """Be one shard worker (`stages/preprocess.py --shard-key`), with `workers` decoding
+    processes: write the pieces of the shards it takes under `key`; returns those shards."""
     store = ShardStore(STORE, params.shards)
-    manifest: dict[str, Any] = {}
     pool = _executor(workers)
-    try:
+
+    def run(index: int) -> str:
+        manifest: dict[str, Any] = {}
         with store.write(index, key, manifest) as tmp:
             manifest.update(preprocess_range(raw_dir, tmp, params, pool, index, params.shards))
+        kept = sum(sum(c.values()) for c in manifest["kept"].values())
+        return f"kept {kept}, skipped {sum(map(len, manifest['skipped'].values()))}"
+
+    try:
+        return work_shards("preprocess", store, key, run)
     finally:
         if pool is not None:
             pool.shutdown()
-    return manifest
 
 
 def preprocess_splits(
     raw_dir: Path,
     out_dir: Path,
     params: PreprocessParams,
-    shard_command: Callable[[int, str, int], list[str]] | None = None,
-) -> dict[str, Any]:
+    worker: Callable[[int], list[str]] | None = None,
+    nodes: Nodes | None = None,
+) -> dict[str, Any] | None:
     """Write `out_dir/<split>.parquet` for each split of `raw_dir`; return the data report.
 
     The report's `problems` lists each split left empty and each class left with a single image:
     the caller writes the report first, then stops, so the reasons are there to read.
 
     Args:
-        shard_command: with `params.shards` > 1, the argv that runs shard i under key k with w
-            decoding processes (`stages/preprocess.py --shard i --key k --workers w`).
+        worker: with `params.shards` > 1, the argv after `python` of a shard worker with n
+            decoding processes (`stages/preprocess.py --workers n`; see `run_shards`).
+        nodes: the machines that share the shards (default: this one); only node 0 merges.
+
+    Returns:
+        The report; None on a node other than 0, once its shards are done.
 
     Raises:
-        UserError: a shard's process failed; the finished shards are kept for the next run.
+        UserError: a shard worker failed; the finished shards are kept for the next run.
     """
     workers = params.workers or available_cores()
+    nodes = nodes or Nodes()
+    nodes.require_shards("preprocess", params.shards)
     if params.shards == 1:
         pool = _executor(workers)
         try:
@@ -237,9 +248,11 @@ def preprocess_splits(
                 pool.shutdown()
         ShardStore(STORE, 1).remove()  # pieces of an earlier, unfinished sharded run
     else:
-        if shard_command is None:
-            raise ValueError("preprocess.shards > 1 needs the command that runs one shard")
-        manifests = _run_sharded(raw_dir, out_dir, params, workers, shard_command)
+        if worker is None:
+            raise ValueError("preprocess.shards > 1 needs the command of a shard worker")
+        manifests = _run_sharded(raw_dir, out_dir, params, workers, worker, nodes)
+        if manifests is None:
+            return None
     return _report(manifests, params, workers)
 
 
@@ -248,28 +261,14 @@ def _run_sharded(
     out_dir: Path,
     params: PreprocessParams,
     workers: int,
-    shard_command: Callable[[int, str, int], list[str]],
-) -> list[dict[str, Any]]:
+    worker: Callable[[int], list[str]],
+    nodes: Nodes,
+) -> list[dict[str, Any]] | None:
     count = params.shards
     store = ShardStore(STORE, count)
     key = shard_key(raw_dir, params)
-    store.prune(key)
-    todo = [i for i in range(count) if not store.done(i, key)]
-    kept = [i for i in range(count) if i not in todo]
-    parallel = max(1, min(len(todo), workers))
-    per_shard = max(1, workers // parallel)
-    log.info(
-        f"preprocess: {count} shards"
-        + (f"; {_names(kept)} already done, kept" if kept else "")
-        + (f"; running {_names(todo)} ({parallel} at a time)" if todo else "")
-    )
-    failed = run_shards(lambda i: shard_command(i, key, per_shard), todo, parallel)
-    if failed:
-        why = ", ".join(f"{i} ({describe_exit(code)})" for i, code in sorted(failed.items()))
-        raise UserError(
-            f"preprocess: shard {why} of {count} failed; the other shards are kept, and "
-            "`dvc repro` redoes only the failed ones"
-        )
+    if not run_shards("preprocess", store, key, worker, nodes, workers):
+        return None  # another machine merges
     manifests = [store.manifest(i) for i in range(count)]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -283,10 +282,6 @@ def _run_sharded(
             )
     store.remove()
     return manifests
-
-
-def _names(shards: list[int]) -> str:
-    return ("shard " if len(shards) == 1 else "shards ") + ", ".join(map(str, shards))
 
 
 def _concat_rows(pieces: list[Path], batch_size: int) -> Iterator[dict]:

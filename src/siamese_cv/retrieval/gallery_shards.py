@@ -1,11 +1,11 @@
-"""`export.shards` > 1: the gallery embedded by several processes, piece by piece, then merged.
+"""`export.shards` > 1: the gallery embedded by shard workers, piece by piece, then merged.
 
 Shard i embeds rows `shard_range(n, i, N, align=export.batch_size)` of each split in
 `export.splits`: its boundaries fall on batch boundaries, so every forward pass holds the same
 images as in a single-shard run, and the merged gallery's vectors are those of a single run.
-Pieces are resumable as in `siamese_cv.core.shards`: a killed shard is the only one run again.
-On a machine with several GPUs each running shard gets its own (`CUDA_VISIBLE_DEVICES`); on a
-CPU the shards share the cores, one thread each per running shard's share.
+The workers are launched, and their pieces kept resumable, by `siamese_cv.core.shards`: on a
+machine with GPUs one worker per GPU, each seeing only its own; on a CPU the workers share the
+cores, each with its share of threads.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ import pyarrow.parquet as pq
 
 from siamese_cv.core import paths
 from siamese_cv.core.atomic import read_json
-from siamese_cv.core.errors import UserError
 from siamese_cv.core.shards import (
     SHARDS_ROOT,
+    Nodes,
     ShardStore,
     code_digest,
-    describe_exit,
     fingerprint_files,
     make_key,
     run_shards,
     shard_range,
+    work_shards,
 )
 from siamese_cv.data.parquet import count_rows, iter_row_range
 from siamese_cv.retrieval.gallery import (
@@ -67,9 +67,20 @@ def export_key(export: Any, processed: Path = paths.PROCESSED, model: Path = pat
     )
 
 
-def embed_shard(embedder: Any, export: Any, index: int, key: str) -> int:
-    """Shard `index`'s process: embed its rows of every split into a piece; returns its rows."""
+def export_worker(embedder: Any, export: Any, key: str) -> list[int]:
+    """Be one shard worker (`stages/export_gallery.py --shard-key`): embed the shards it takes
+    into pieces under `key`; returns those shards."""
     store = ShardStore(STORE, export.shards)
+    return work_shards(
+        "export_gallery",
+        store,
+        key,
+        lambda i: f"{embed_shard(embedder, export, store, i, key)} vectors",
+    )
+
+
+def embed_shard(embedder: Any, export: Any, store: ShardStore, index: int, key: str) -> int:
+    """Embed shard `index`'s rows of every split into its piece; returns its rows."""
     manifest: dict[str, Any] = {"precision": embedder.precision.name}
     with store.write(index, key, manifest) as tmp:
         tables = []
@@ -106,46 +117,34 @@ def embed_shard(embedder: Any, export: Any, index: int, key: str) -> int:
 def run_export_shards(
     export: Any,
     meta: dict[str, Any],
-    shard_command: Callable[[int, str, int], list[str]],
+    worker: Callable[[int], list[str]],
+    nodes: Nodes,
     gpus: int,
     cores: int,
-) -> tuple[int, int]:
+) -> tuple[int, int] | None:
     """Embed the missing pieces, merge them into data/gallery; returns vector count and dim.
 
+    Args:
+        worker: the argv after `python` of a shard worker with n threads (see `run_shards`).
+        nodes: the machines that share the shards; only node 0 merges them.
+
+    Returns:
+        The gallery's vector count and dimension; None on a node other than 0.
+
     Raises:
-        UserError: a shard's process failed; the finished pieces are kept for the next run.
+        UserError: a shard worker failed; the finished pieces are kept for the next run.
     """
     count = export.shards
     store = ShardStore(STORE, count)
     key = export_key(export)
-    store.prune(key)
-    todo = [i for i in range(count) if not store.done(i, key)]
-    kept = [i for i in range(count) if i not in todo]
-    parallel = max(1, min(len(todo), gpus or cores))
-    threads = 1 if gpus else max(1, cores // parallel)
-    log.info(
-        f"export_gallery: {count} shards"
-        + (f"; {_names(kept)} already done, kept" if kept else "")
-        + (f"; running {_names(todo)} ({parallel} at a time)" if todo else "")
-    )
-    env = (lambda i, slot: {"CUDA_VISIBLE_DEVICES": str(slot)}) if gpus else None
-    failed = run_shards(lambda i: shard_command(i, key, threads), todo, parallel, env)
-    if failed:
-        why = ", ".join(f"{i} ({describe_exit(code)})" for i, code in sorted(failed.items()))
-        raise UserError(
-            f"export_gallery: shard {why} of {count} failed; the other shards are kept, and "
-            "`dvc repro` redoes only the failed ones"
-        )
+    if not run_shards("export_gallery", store, key, worker, nodes, cores, gpus):
+        return None  # another machine merges
     precisions = {store.manifest(i)["precision"] for i in range(count)}
     meta = {**meta, "precision": "/".join(sorted(precisions))}
     pieces = [store.piece(i) / EMBEDDINGS for i in range(count)]
     count, dim = write_gallery_rows(paths.GALLERY, _merged(pieces, export.splits), meta)
     store.remove()
     return count, dim
-
-
-def _names(shards: list[int]) -> str:
-    return ("shard " if len(shards) == 1 else "shards ") + ", ".join(map(str, shards))
 
 
 def _merged(pieces: list[Path], splits: list[str]) -> Iterator[pa.Table]:
