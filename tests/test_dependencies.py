@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import json
 import os
 import select
 import struct
@@ -142,7 +143,7 @@ def trace_stage(root: Path, stage: str, report: Path) -> Used:
     finally:
         opened = watch.stop()
     assert result.returncode == 0, f"{stage} failed:\n{result.stdout}\n{result.stderr}"
-    traced = yaml.safe_load(report.read_text())  # JSON is YAML
+    traced = json.loads(report.read_text())
     modules = {Path(m) for m in traced["modules"]}
     touched = {as_source(p) for p in opened | modules}
     files = {

@@ -135,6 +135,19 @@ def test_a_train_param_edit_reruns_only_what_it_touches(project):
     assert ran(out) == {"train", "export_gallery", "index_gallery", "evaluate"}, out
 
 
+def test_a_code_edit_reruns_the_stages_that_run_that_code(project):
+    """A comment added in models/ reaches every stage that imports it, and only those."""
+    module = project / "src/siamese_cv/models/siamese.py"
+    code = module.read_text()
+    try:
+        module.write_text(code + "# an edit\n")
+        status = run(project, "dvc", "status").stdout
+    finally:
+        module.write_text(code)
+    changed = {s for s in STAGES if f"{s}:" in status}
+    assert changed == {"download", "train", "baseline", "export_gallery", "evaluate"}, status
+
+
 def test_an_ivf_index_is_built_once_by_its_stage_and_loaded_by_search(project):
     assert json.loads((project / "data/index/index.json").read_text())["kind"] == "exact"
     run(project, "siamese-params", "apply", "--set", "search.index=ivf")
