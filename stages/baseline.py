@@ -1,4 +1,5 @@
-"""Stage `baseline`: the same test metrics for the frozen pretrained backbone (no training).
+"""Stage `baseline`: the same test metrics for the frozen pretrained backbone (no training)
+-> metrics/baseline.json (the keys of metrics/test.json), metrics/per_class/baseline.tsv.
 
 It is its own stage so that an edit of a training parameter does not recompute it: the
 baseline depends only on the data, the starting weights and the evaluation settings.
@@ -16,8 +17,7 @@ from collections.abc import Sequence
 
 from siamese_cv.config.stage import run_stage, stage_params
 from siamese_cv.core import paths
-from siamese_cv.core.atomic import write_json
-from siamese_cv.evaluation.scoring import embed_splits, load_test_set, score_embeddings
+from siamese_cv.evaluation import scoring
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
 from siamese_cv.models.pretrained import load_pretrained, preprocessing_of
@@ -38,19 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         params.evaluate.batch_size,
         engine=params.evaluate.engine,
     )
-    test = load_test_set()
-    test_emb, _ = embed_splits(embedder, ["test"])
-    gallery_emb, gallery_labels = embed_splits(embedder, list(params.export.splits))
-    metrics = score_embeddings(
+    test = scoring.load_test_set()
+    test_emb, _ = scoring.embed_splits(embedder, ["test"])
+    gallery_emb, gallery_labels = scoring.embed_splits(embedder, list(params.export.splits))
+    scores = scoring.score_embeddings(
         test_emb, test, gallery_emb, gallery_labels, params.evaluate.recall_at
     )
-    metrics["model"] = (
-        f"{card['backbone']} ({card['weights']}), frozen, pooled {backbone.feature_dim}-d"
-    )
-    write_json(paths.METRICS / "baseline.json", metrics)
+    figures = scoring.write_scores(scores, paths.METRICS / "baseline.json")
     log.info(
-        f"baseline: triplet accuracy {metrics['triplet_accuracy']:.4f}, precision@1 "
-        f"{metrics['precision_at_1']:.4f}, MAP@R {metrics['map_at_r']:.4f}"
+        f"baseline, {card['backbone']} ({card['weights']}) frozen, pooled "
+        f"{backbone.feature_dim}-d: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items())
     )
     return 0
 

@@ -1,4 +1,4 @@
-"""Stage `evaluate`: test metrics of the trained model beside the frozen baseline -> metrics/test.json.
+"""Stage `evaluate`: the trained model's test metrics -> metrics/test.json, metrics/per_class/model.tsv.
 
 Test triplet accuracy is the mean and standard deviation over the fixed draws of sample_triplets;
 retrieval metrics rank the whole test split, and the gallery metrics search the exported gallery.
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 from siamese_cv.config.stage import run_stage, stage_params
 from siamese_cv.core import paths
-from siamese_cv.core.atomic import read_json, write_json
+from siamese_cv.core.atomic import read_json
 from siamese_cv.data.parquet import read_table
+from siamese_cv.evaluation import scoring
 from siamese_cv.evaluation.report import write_figures
-from siamese_cv.evaluation.scoring import embed_splits, load_test_set, score_embeddings
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint
@@ -39,14 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         params.evaluate.batch_size,
         engine=params.evaluate.engine,
     )
-    test = load_test_set()
-    test_emb, _ = embed_splits(embedder, ["test"])
+    test = scoring.load_test_set()
+    test_emb, _ = scoring.embed_splits(embedder, ["test"])
     gallery = load_gallery(paths.GALLERY)
-    metrics = score_embeddings(
+    scores = scoring.score_embeddings(
         test_emb, test, gallery.vectors, gallery.labels, params.evaluate.recall_at
     )
-    metrics["baseline"] = read_json(paths.METRICS / "baseline.json")
-    write_json(paths.TEST_METRICS, metrics)
+    figures = scoring.write_scores(scores, paths.TEST_METRICS)
     test_images = (
         read_table(paths.PROCESSED / "test.parquet", ["image"]).column("image").to_pylist()
     )
@@ -61,12 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         gallery.label_names,
         top=min(10, params.evaluate.top_k),
     )
-    base = metrics["baseline"]
+    base = read_json(paths.METRICS / "baseline.json")
     log.info(
-        f"evaluate: triplet accuracy {metrics['triplet_accuracy']:.4f} ± {metrics['triplet_accuracy_std']:.4f} "
-        f"(expected {metrics['expected_triplet_accuracy']:.4f}; baseline {base['triplet_accuracy']:.4f}), precision@1 {metrics['precision_at_1']:.4f} "
-        f"(baseline {base['precision_at_1']:.4f}), MAP@R {metrics['map_at_r']:.4f} "
-        f"(baseline {base['map_at_r']:.4f})"
+        "evaluate, model (baseline): "
+        + ", ".join(f"{k} {v:.4f} ({base[k]:.4f})" for k, v in figures.items())
     )
     return 0
 

@@ -1,12 +1,16 @@
 """Every test figure for one set of embeddings: triplet accuracy over the fixed draws, leave-one-out
 retrieval on the test split, and test queries searching the exported gallery.
 
-The trained model and the frozen baseline go through this same function, so their numbers are
-comparable key for key in metrics/test.json.
+The trained model and the frozen baseline go through this same function and `write_scores`, so
+metrics/test.json and metrics/baseline.json hold the same few short keys: `dvc metrics show` prints
+them as two rows under one header that fits a terminal. Per-class figures go to a TSV beside them
+(metrics/per_class/test.tsv, baseline.tsv), which `dvc plots show` draws as one bar chart per metric.
 """
 
 from __future__ import annotations
 
+import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from siamese_cv.core import paths
+from siamese_cv.core.atomic import atomic_path, write_json
 from siamese_cv.data.parquet import read_table
 from siamese_cv.data.triplet_tables import read_triplets
 from siamese_cv.evaluation.metrics import (
@@ -22,6 +27,18 @@ from siamese_cv.evaluation.metrics import (
     retrieval_metrics,
     triplet_accuracy_draws,
 )
+
+#: Metrics-file key -> score_embeddings key of the headline figures; recall@k is added per k > 1.
+HEADLINE = {
+    "triplet_acc": "triplet_accuracy",
+    "triplet_std": "triplet_accuracy_std",
+    "expected_acc": "expected_triplet_accuracy",
+    "precision@1": "precision_at_1",
+    "r_precision": "r_precision",
+    "map@r": "map_at_r",
+    "gallery_p@1": "gallery_precision_at_1",
+}
+PER_CLASS_COLUMNS = ("class", "precision_at_1", "map_at_r", "queries")
 
 
 @dataclass
@@ -76,3 +93,50 @@ def embed_splits(
         vectors.append(embedder.embed_parquet(path, progress=f"embedding {split}"))
         labels.append(read_table(path, ["label"]).column("label").to_numpy().astype(np.int64))
     return np.concatenate(vectors), np.concatenate(labels)
+
+
+def headline(scores: dict[str, Any]) -> dict[str, float]:
+    """The few figures a metrics file keeps, under short keys (see `HEADLINE`).
+
+    Recall@1 is left out: in metric learning it equals precision@1.
+    """
+    out = {name: float(scores[key]) for name, key in HEADLINE.items()}
+    for key, value in scores.items():
+        if (m := re.fullmatch(r"recall_at_(\d+)", key)) and int(m[1]) > 1:
+            out[f"recall@{m[1]}"] = float(value)
+    return out
+
+
+def per_class_rows(scores: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per class with counted queries (a class needs two test images), in class order."""
+    return [
+        {
+            "class": name,
+            "precision_at_1": f["precision_at_1"],
+            "map_at_r": f["map_at_r"],
+            "queries": f["n"],
+        }
+        for name, f in scores["per_class"].items()
+    ]
+
+
+def write_scores(scores: dict[str, Any], metrics: Path) -> dict[str, float]:
+    """Write the headline figures to `metrics` (JSON) and the per-class table beside it, to
+    per_class/<stem>.tsv (metrics/test.json -> metrics/per_class/test.tsv); returns the figures.
+    """
+    figures = headline(scores)
+    write_json(metrics, figures)
+    with (
+        atomic_path(per_class_table(metrics)) as tmp,
+        tmp.open("w", encoding="utf-8", newline="") as f,
+    ):
+        writer = csv.DictWriter(f, PER_CLASS_COLUMNS, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        for row in per_class_rows(scores):
+            writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
+    return figures
+
+
+def per_class_table(metrics: Path) -> Path:
+    """Where `write_scores` puts the per-class table of the metrics file `metrics`."""
+    return metrics.parent / "per_class" / f"{metrics.stem}.tsv"
