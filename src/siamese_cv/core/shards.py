@@ -26,7 +26,6 @@ outputs downstream stages read unchanged.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -36,23 +35,21 @@ import shutil
 import signal
 import sys
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from siamese_cv.core import logs
 from siamese_cv.core.atomic import atomic_path, read_json, write_json
 from siamese_cv.core.errors import UserError
+from siamese_cv.core.launcher import launch_config, quiet_launcher
 
 log = logging.getLogger(__name__)
 
 SHARDS_ROOT = Path("data/.shards")
 DONE = "done.json"
 ENV_PREFIX = "SIAMESE_CV_"  # SIAMESE_CV_NNODES etc.: the launch options, for `dvc repro`
-_LAUNCHER_LOGS = ("torch.distributed.elastic", "torch.distributed.launcher")
 
 
 def shard_range(rows: int, index: int, count: int, align: int = 1) -> tuple[int, int]:
@@ -297,28 +294,24 @@ def _launch(
     stage: str, store: ShardStore, key: str, argv: list[str], slots: int, nodes: Nodes, gpus: bool
 ) -> None:
     """Start this machine's elastic agent with `slots` workers; return once they all finished."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    alone = nodes.nnodes == 1
     with tempfile.TemporaryDirectory(prefix=f"siamese-cv-{stage}-") as folder:
-        config = LaunchConfig(
-            min_nodes=nodes.nnodes,
-            max_nodes=nodes.nnodes,
-            nproc_per_node=slots,
-            rdzv_backend="c10d",
-            rdzv_endpoint="localhost:0" if alone else str(nodes.rdzv_endpoint),
+        config = launch_config(
+            slots,
+            folder,
+            nnodes=nodes.nnodes,
+            endpoint=nodes.rdzv_endpoint,
             # one id for the machines to meet under; the workers then check that their keys agree
-            run_id=f"siamese-cv-{uuid.uuid4().hex}" if alone else f"siamese-cv-{stage}",
+            run_id=f"siamese-cv-{stage}",
             max_restarts=nodes.max_restarts,
-            logs_specs=DefaultLogsSpecs(log_dir=folder),
             virtual_local_rank=gpus,  # each GPU worker sees its own GPU only, as cuda:0
         )
         try:
-            with _quiet_launcher():
+            with quiet_launcher():
                 elastic_launch(config, sys.executable)(*argv)
         except ChildFailedError as error:
             raise UserError(_failure_line(stage, store, key, error)) from None
@@ -357,14 +350,6 @@ def describe_exit(code: int) -> str:
 
 def _names(shards: list[int]) -> str:
     return ("shard " if len(shards) == 1 else "shards ") + ", ".join(map(str, shards))
-
-
-@contextlib.contextmanager
-def _quiet_launcher() -> Iterator[None]:
-    """Silence the launcher's own log lines (it dumps every failure): ours is the one line."""
-    names = [n for n in logging.Logger.manager.loggerDict if n.startswith(_LAUNCHER_LOGS)]
-    with logs.quiet_loggers([*_LAUNCHER_LOGS, *names], logging.CRITICAL):
-        yield
 
 
 # ---- the worker's side ---------------------------------------------------------------------

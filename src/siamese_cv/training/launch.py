@@ -9,22 +9,19 @@ WORLD_SIZE set) is one rank and never relaunches.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from siamese_cv.config.params import Params
 from siamese_cv.core import logs
 from siamese_cv.core.errors import UserError
+from siamese_cv.core.launcher import launch_config, quiet_launcher
 from siamese_cv.training.distributed import World, barrier, launched, process_group, rank_device
 from siamese_cv.training.run import train_and_save
 
 log = logging.getLogger(__name__)
-
-_QUIET = ("torch.distributed.elastic", "torch.multiprocessing")
 
 
 class RankUserError(Exception):
@@ -99,25 +96,14 @@ def launch(entrypoint: Callable[..., Any], args: Sequence[Any], processes: int) 
         UserError: one line naming the first rank that failed and why (a bug's traceback from
             that rank is printed above it).
     """
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
 
-    with tempfile.TemporaryDirectory(prefix="siamese-cv-ranks-") as logs:
-        config = LaunchConfig(
-            min_nodes=1,
-            max_nodes=1,
-            nproc_per_node=processes,
-            rdzv_backend="c10d",
-            rdzv_endpoint="localhost:0",
-            run_id=f"siamese-cv-{uuid.uuid4().hex}",
-            max_restarts=0,
-            start_method="spawn",
-            logs_specs=DefaultLogsSpecs(log_dir=logs),
-        )
+    with tempfile.TemporaryDirectory(prefix="siamese-cv-ranks-") as folder:
+        config = launch_config(processes, folder, start_method="spawn")
         try:
-            with _quiet(_QUIET):
+            with quiet_launcher():
                 return elastic_launch(config, entrypoint)(*args)
         except ChildFailedError as error:
             raise UserError(_failure_line(error, processes)) from None
@@ -142,11 +128,3 @@ def _failure_line(error: Any, processes: int) -> str:
         log.error("rank %s: %s", rank, stack.rstrip())
         return f"rank {rank} of {processes} failed with {message}; its traceback is above"
     return f"rank {rank} of {processes} failed (exit code {failure.exitcode}): {message}"
-
-
-@contextlib.contextmanager
-def _quiet(prefixes: tuple[str, ...]) -> Iterator[None]:
-    """Silence the launcher's own log lines (it dumps every failure): ours is the one line."""
-    names = [n for n in logging.Logger.manager.loggerDict if n.startswith(prefixes)]
-    with logs.quiet_loggers(names, logging.CRITICAL):
-        yield
