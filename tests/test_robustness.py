@@ -662,8 +662,9 @@ def test_a_killed_sharded_stage_takes_its_shards_with_it(kill_template) -> None:
 @pytest.mark.slow
 def test_sharded_gallery_is_the_single_run_gallery(kill_template, reference) -> None:
     """export.shards 3: kill shard 1 mid-embedding, rerun: the unfinished shards run again, and the
-    gallery is byte for byte the single-shard one (shard ranges fall on batch boundaries, so
-    each forward pass sees the same images; measured equal in bf16 and fp32 on this CPU)."""
+    gallery is the single-shard one: shard ranges fall on batch boundaries, so each forward pass
+    sees the same images, but a worker runs on its share of the threads, and some CPUs' fp32
+    kernels split their sums by thread count (AVX2 Zen 3: the last bits of a partial batch)."""
     project = _copy(kill_template, "export-shards")
     apply_params(project, {"export.shards": "3"})
     commit(project)
@@ -684,11 +685,23 @@ def test_sharded_gallery_is_the_single_run_gallery(kill_template, reference) -> 
     assert ran(out) == {"export_gallery", "index_gallery", "evaluate"}, out
     assert f"running {_names({0, 1, 2} - finished)} (" in out, (out, done)
     assert _shard_lines(out, "export_gallery") == {0, 1, 2} - finished, out
-    assert _bytes(project / "data/gallery") == _bytes(reference / "data/gallery")
+    _assert_same_gallery(project / "data/gallery", reference / "data/gallery")
     assert (project / "metrics/test.json").read_bytes() == (
         reference / "metrics/test.json"
     ).read_bytes()
     assert not (project / "data/.shards").exists()
+
+
+def _assert_same_gallery(folder: Path, reference: Path) -> None:
+    """The same card, rows and row groups, and vectors equal to float32 rounding."""
+    assert (folder / "meta.json").read_bytes() == (reference / "meta.json").read_bytes()
+    files = [pq.ParquetFile(f / "embeddings.parquet") for f in (folder, reference)]
+    assert files[0].schema_arrow == files[1].schema_arrow
+    assert files[0].metadata.num_row_groups == files[1].metadata.num_row_groups
+    got, want = (f.read() for f in files)
+    assert got.drop_columns("vector").equals(want.drop_columns("vector"))
+    vectors = [np.stack(t.column("vector").to_numpy(zero_copy_only=False)) for t in (got, want)]
+    np.testing.assert_allclose(vectors[0], vectors[1], rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
