@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -15,7 +16,7 @@ from PIL import Image
 
 from siamese_cv.core.errors import UserError
 from siamese_cv.data import sources
-from siamese_cv.data.sources import Record, open_source, stratified_holdout
+from siamese_cv.data.sources import Record, holdout_count, open_source, stratified_holdout
 
 COLOURS = {"apple": (200, 30, 30), "kiwi": (40, 160, 40), "plum": (90, 20, 120)}
 
@@ -74,7 +75,7 @@ def test_real_photo_folder_without_validation(make_folder) -> None:
     root = make_folder(train=4, test=1, classes=2)  # symlinks to food10 photos
     info, records = open_source(str(root), val_fraction=0.25, seed=0, retries=0, base_dir=root)
     assert len(info.class_names) == 2
-    assert Counter(r.split for r in records) == {"train": 6, "validation": 2, "test": 2}
+    assert Counter(r.split for r in records) == {"train": 4, "validation": 4, "test": 2}
     assert all(r.image and r.image[:3] == b"\xff\xd8\xff" and r.error is None for r in records)
 
 
@@ -93,7 +94,7 @@ def test_missing_validation_is_a_stratified_seeded_slice(tmp_path: Path) -> None
     _tree(tmp_path, {"train": {"apple": 8, "kiwi": 4, "plum": 1}, "test": {"apple": 1}})
     _, records = _open(tmp_path, tmp_path)
     held = Counter(r.label_name for r in records if r.split == "validation")
-    assert held == {"apple": 2, "kiwi": 1}  # 25% each; >= 1 per class; a 1-image class stays
+    assert held == {"apple": 2, "kiwi": 2}  # 25%, 2 or none a class; a 1-image class stays
     _, again = _open(tmp_path, tmp_path)
     assert [(r.id, r.split) for r in again] == [(r.id, r.split) for r in records]
     _, other_seed = _open(tmp_path, tmp_path, seed=8)
@@ -108,7 +109,32 @@ def test_holdout_ignores_listing_order() -> None:
     random.Random(1).shuffle(shuffled)
     assert stratified_holdout(items, 0.2, 3) == stratified_holdout(shuffled, 0.2, 3)
     assert len(stratified_holdout(items, 0.2, 3)) == 6
-    assert stratified_holdout([("a", 0), ("b", 0)], 0.5, 0) in ({"a"}, {"b"})  # never both
+    assert stratified_holdout([("a", 0), ("b", 0)], 0.5, 0) == set()  # never one, never all
+
+
+def test_holdout_lends_two_photos_or_none() -> None:
+    counts = {n: holdout_count(n, 0.1) for n in (1, 2, 3, 4, 10, 14, 15, 375)}
+    assert counts == {1: 0, 2: 0, 3: 0, 4: 2, 10: 2, 14: 2, 15: 2, 375: 38}
+    assert holdout_count(10, 0.0) == 0 and holdout_count(375, 0.0) == 0
+    assert holdout_count(3, 0.5) == 0 and holdout_count(6, 0.5) == 3
+
+
+def test_holdout_of_a_large_class_is_the_old_rule() -> None:
+    """food10's 375-photo classes keep exactly the slice their measured runs used."""
+    ids = [f"train/c/{i:04d}.jpg" for i in range(375)]
+    for fraction, seed in ((0.1, 42), (0.25, 7), (0.5, 0)):
+        count = min(len(ids) - 1, max(1, int(fraction * len(ids) + 0.5)))
+        ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}\0{i}".encode()).digest())
+        assert stratified_holdout(((i, 3) for i in ids), fraction, seed) == set(ranked[:count])
+    assert len(stratified_holdout(((i, 3) for i in ids), 0.1, 42)) == 38
+
+
+def test_no_validation_with_fraction_zero(tmp_path: Path) -> None:
+    _tree(tmp_path, {"train": {"apple": 10, "kiwi": 10}, "test": {"apple": 1}})
+    _, records = _open(tmp_path, tmp_path, val_fraction=0.0)
+    assert Counter(r.split for r in records) == {"train": 20, "test": 1}
+    with pytest.raises(UserError, match=r"data.val_fraction: 1.0 is not in \[0, 1\)"):
+        _open(tmp_path, tmp_path, val_fraction=1.0)
 
 
 def test_hidden_and_non_image_files_are_ignored(tmp_path: Path) -> None:
@@ -234,9 +260,9 @@ def test_csv_manifest(tmp_path: Path) -> None:
     assert (
         by_id["img/missing.png"].error == "file vanished" and by_id["img/missing.png"].image is None
     )
-    # No validation rows: blank and train rows are sliced, >= 1 per class with 2+ images.
-    held = Counter(r.label_name for r in records if r.split == "validation")
-    assert held == {"apple": 1, "kiwi": 1}
+    # No validation rows: blank and train rows are sliced, 2 or none a class (these have 2 each)
+    assert not any(r.split == "validation" for r in records)
+    assert {r.id for r in records if r.split == "train"} == {f"img/{c}.png" for c in "abcd"}
     assert "manifest_sha256" in info.fingerprint
 
 
@@ -304,9 +330,9 @@ def test_hf_without_validation_gets_a_slice(hf_cache: Path) -> None:
     _stand_in(hf_cache / "hub", {"train": [0, 0, 0, 0, 1, 1, 1, 1], "test": [0, 1]})
     _, records = _open(f"hf:{hf_cache / 'hub'}", hf_cache)
     held = [r for r in records if r.split == "validation"]
-    assert Counter(r.label for r in held) == {0: 1, 1: 1}
+    assert Counter(r.label for r in held) == {0: 2, 1: 2}  # 25% of 4 is one: 2 or none
     assert all(r.id.startswith("hf/train/") for r in held)
-    assert len([r for r in records if r.split == "train"]) == 6
+    assert len([r for r in records if r.split == "train"]) == 4
 
 
 @pytest.mark.parametrize(

@@ -57,9 +57,9 @@ class DataParams(_Section):
     )
     val_fraction: float = Field(
         0.1,
-        gt=0.0,
+        ge=0.0,
         le=0.5,
-        description="share of train held out when the source has no validation split",
+        description="share of train held out when the source has no validation split (0: none)",
     )
     seed: int = Field(42, ge=0)
     retries: int = Field(3, ge=0, description="hub download retries on transient errors")

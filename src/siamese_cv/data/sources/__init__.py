@@ -15,9 +15,9 @@ Decisions:
   not a regular file, a folder that cannot be listed) becomes a record with `image=None` and
   `error=<reason>`, so preprocess can report it instead of it vanishing.
 - A source without a validation split gets one: per class, `round(val_fraction * n)` images
-  (at least 1 when the class has 2 or more, never all of them) chosen by a seeded hash of the
-  id, so the choice depends only on the seed and the ids, not on file-system order, and adding
-  images does not reshuffle the existing ones.
+  (2 or none, never all of them: `holdout_count`) chosen by a seeded hash of the id, so the
+  choice depends only on the seed and the ids, not on file-system order, and adding images does
+  not reshuffle the existing ones. `val_fraction: 0` makes no validation split.
 - A test split is required for every kind: the pipeline's evaluation has nothing to run on
   without one.
 """
@@ -26,7 +26,7 @@ Decisions:
 # (see `_common._read`), and tests patch `sources._read_bytes` and `sources.os.open`.
 import os  # noqa: F401
 
-from ._common import SPLIT_ALIASES, Record, SourceInfo, stratified_holdout
+from ._common import SPLIT_ALIASES, Record, SourceInfo, holdout_count, stratified_holdout
 from ._common import _read_bytes as _read_bytes
 from ._open import open_source
 from .folder import IMAGE_EXTENSIONS
@@ -39,5 +39,6 @@ __all__ = [
     "Record",
     "SourceInfo",
     "open_source",
+    "holdout_count",
     "stratified_holdout",
 ]

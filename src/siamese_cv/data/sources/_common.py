@@ -66,26 +66,39 @@ class _Entry:
 def stratified_holdout(items: Iterable[tuple[str, int]], fraction: float, seed: int) -> set[str]:
     """Choose the ids to move from train to validation, per class, by a seeded hash of the id.
 
+    A class lends whole photos, 2 or more or none: one validation photo could never be a query
+    with an answer, nor anchor a triplet.
+
     Args:
         items: (id, label) pairs of the train candidates.
-        fraction: Share of each class to hold out.
+        fraction: Share of each class to hold out; 0 holds out nothing.
         seed: Seed of the choice.
 
     Returns:
-        The held-out ids: `round(fraction * n)` per class, at least 1 when the class has 2 or
-        more images and never the whole class.
+        The held-out ids (`holdout_count` per class), the first of the class's ids ranked by
+        sha256 of `f"{seed}\\0{id}"`.
     """
     by_label: dict[int, list[str]] = defaultdict(list)
     for item_id, label in items:
         by_label[label].append(item_id)
     held: set[str] = set()
     for ids in by_label.values():
-        if len(ids) < 2:
-            continue
-        count = min(len(ids) - 1, max(1, int(fraction * len(ids) + 0.5)))
+        count = holdout_count(len(ids), fraction)
         ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}\0{i}".encode()).digest())
         held.update(ranked[:count])
     return held
+
+
+def holdout_count(n: int, fraction: float) -> int:
+    """How many of a class's `n` photos go to validation: `round(fraction * n)`, 2 or none.
+
+    Training keeps 2 (a positive pair): where the fraction asks for one photo, the class lends
+    2 if it can, else none and keeps all its photos for training.
+    """
+    if fraction <= 0 or n < 4:
+        return 0
+    count = min(n - 2, max(1, int(fraction * n + 0.5)))
+    return max(count, 2)
 
 
 def _display(name: str) -> str:

@@ -31,7 +31,8 @@ def open_source(
     Args:
         source: `hf:<dataset id>[@revision]` (or `hf:<local dir>` laid out as a hub parquet
             conversion), an image folder, or a CSV manifest.
-        val_fraction: Share of each train class held out when there is no validation split.
+        val_fraction: Share of each train class held out when there is no validation split
+            (0: none).
         seed: Seed of that hold-out choice.
         retries: How many times a transient hub error is retried (backoff 1 s, 2 s, 4 s...).
         base_dir: Folder that relative paths are resolved against (the project root).
@@ -48,8 +49,8 @@ def open_source(
         UserError: The source does not exist, has the wrong layout, a bad CSV row, no test
             split, or the hub cannot be reached or has no such dataset.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise UserError(f"data.val_fraction: {val_fraction} is not between 0 and 1")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"data.val_fraction: {val_fraction} is not in [0, 1): use 0 for none")
     text = source.strip()
     if text.startswith("hf:"):
         return _open_hf(text[3:], val_fraction, seed, retries, base_dir, sleep, streaming)
