@@ -17,20 +17,10 @@ import logging
 import os
 from collections.abc import Sequence
 
-import numpy as np
-import torch
-
-from siamese_cv.config.params import Params
 from siamese_cv.config.stage import run_stage, stage_args
 from siamese_cv.core import paths
-from siamese_cv.core.shards import Nodes, nodes_from_args
-from siamese_cv.data.parquet import read_table
-from siamese_cv.data.preprocessing import available_cores
-from siamese_cv.inference.embedder import Embedder, import_onnxruntime
-from siamese_cv.inference.hardware import resolve_device, resolve_precision
-from siamese_cv.models.siamese import Preprocessing, load_checkpoint
-from siamese_cv.retrieval.gallery import gallery_table, write_gallery
-from siamese_cv.retrieval.gallery_shards import export_worker, run_export_shards
+from siamese_cv.core.shards import nodes_from_args
+from siamese_cv.retrieval.gallery_export import export_as_worker, export_in_process, export_sharded
 
 log = logging.getLogger(__name__)
 
@@ -40,86 +30,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     export = params.export
     nodes = nodes_from_args(args)
     nodes.require_shards("export", export.shards)
-    if export.shards > 1 and args.shard_key is None:
-        return _sharded(params, args.params, nodes)
-    model, config = load_checkpoint(paths.MODEL)
-    prep = Preprocessing.from_dict(config["preprocessing"])
-    precision = resolve_precision(params.export.precision, resolve_device("auto"))
     if args.shard_key is not None:
-        if precision.device.type == "cpu" or export.engine != "torch":
-            torch.set_num_threads(args.workers)  # the cores are shared by the running workers
-        embedder = Embedder(model, prep, precision, export.batch_size, engine=export.engine)
-        export_worker(embedder, export, args.shard_key)
+        export_as_worker(export, args.shard_key, args.workers)
         return 0
-    embedder = Embedder(model, prep, precision, export.batch_size, engine=export.engine)
-    ids, splits, labels, names, vectors = [], [], [], [], []
-    for split in params.export.splits:
-        path = paths.PROCESSED / f"{split}.parquet"
-        table = read_table(path, ["id", "label", "label_name"])
-        vectors.append(embedder.embed_parquet(path, progress=f"export_gallery: {split}"))
-        ids += table.column("id").to_pylist()
-        splits += [split] * table.num_rows
-        labels.append(table.column("label").to_numpy())
-        names += table.column("label_name").to_pylist()
-    matrix = np.concatenate(vectors)
-    meta = {
-        "model_fingerprint": config["fingerprint"],
-        "backbone": config["backbone"],
-        "dim": int(matrix.shape[1]),
-        "count": int(matrix.shape[0]),
-        "splits": list(params.export.splits),
-        "metric": "cosine",
-        "normalized": True,
-        "preprocessing": prep.to_dict(),
-        "precision": embedder.precision.name,
-        **_engine_meta(export.engine),
-    }
-    write_gallery(
-        paths.GALLERY, gallery_table(ids, splits, np.concatenate(labels), names, matrix), meta
-    )
-    log.info(
-        f"export_gallery: {matrix.shape[0]} vectors of dimension {matrix.shape[1]} "
-        f"({', '.join(params.export.splits)}) -> {paths.GALLERY}"
-    )
-    return 0
+    if export.shards == 1:
+        written = export_in_process(export)
+    else:
 
+        def worker(threads: int) -> list[str]:
+            return [os.path.relpath(__file__), "--params", args.params, "--workers", str(threads)]
 
-def _sharded(params: Params, params_file: str, nodes: Nodes) -> int:
-    export = params.export
-    device = resolve_device("auto")
-    resolve_precision(export.precision, device)  # a bad choice is one line here, not N shards'
-    if export.engine == "onnxruntime":
-        import_onnxruntime()  # a missing package too
-    _, config = load_checkpoint(paths.MODEL)  # a missing model too
-
-    def worker(threads: int) -> list[str]:
-        return [os.path.relpath(__file__), "--params", params_file, "--workers", str(threads)]
-
-    meta = {
-        "model_fingerprint": config["fingerprint"],
-        "backbone": config["backbone"],
-        "splits": list(export.splits),
-        "metric": "cosine",
-        "normalized": True,
-        "preprocessing": Preprocessing.from_dict(config["preprocessing"]).to_dict(),
-        **_engine_meta(export.engine),
-    }
-    # the onnxruntime engine runs on the CPU: its shards share the cores, not the GPUs
-    gpus = torch.cuda.device_count() if device.type == "cuda" and export.engine == "torch" else 0
-    merged = run_export_shards(export, meta, worker, nodes, gpus, available_cores())
-    if merged is None:
+        written = export_sharded(export, worker, nodes)
+    if written is None:
         return 0  # node 0 merges and writes the gallery
-    count, dim = merged
+    count, dim = written
     log.info(
         f"export_gallery: {count} vectors of dimension {dim} "
         f"({', '.join(export.splits)}) -> {paths.GALLERY}"
     )
     return 0
-
-
-def _engine_meta(engine: str) -> dict[str, str]:
-    """meta.json names the engine only when it is not torch, so torch galleries keep their bytes."""
-    return {} if engine == "torch" else {"engine": engine}
 
 
 if __name__ == "__main__":

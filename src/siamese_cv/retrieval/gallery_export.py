@@ -1,0 +1,103 @@
+"""The export_gallery stage's work: embed `export.splits` with the trained model into data/gallery/.
+
+One process embeds the splits in turn; with `export.shards` > 1 shard workers embed pieces that
+`gallery_shards` merges. Both write the same card (meta.json), which search checks a query's model
+against.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from siamese_cv.core import paths
+from siamese_cv.core.shards import Nodes
+from siamese_cv.data.parquet import read_table
+from siamese_cv.data.preprocessing import available_cores
+from siamese_cv.inference.embedder import Embedder, import_onnxruntime
+from siamese_cv.inference.hardware import resolve_device, resolve_precision
+from siamese_cv.models.siamese import Preprocessing, load_checkpoint
+from siamese_cv.retrieval.gallery import gallery_table, write_gallery
+from siamese_cv.retrieval.gallery_shards import export_worker, run_export_shards
+
+log = logging.getLogger(__name__)
+
+
+def gallery_card(export: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """meta.json's fields that the run does not decide: the model, its preprocessing, the metric.
+
+    The engine is named only when it is not torch, so torch galleries keep their bytes.
+    """
+    card = {
+        "model_fingerprint": config["fingerprint"],
+        "backbone": config["backbone"],
+        "splits": list(export.splits),
+        "metric": "cosine",
+        "normalized": True,
+        "preprocessing": Preprocessing.from_dict(config["preprocessing"]).to_dict(),
+    }
+    return card if export.engine == "torch" else {**card, "engine": export.engine}
+
+
+def _embedder(export: Any, threads: int | None = None) -> tuple[Embedder, dict[str, Any]]:
+    """The trained model's embedder under `export`'s settings, and the model's config."""
+    model, config = load_checkpoint(paths.MODEL)
+    precision = resolve_precision(export.precision, resolve_device("auto"))
+    if threads is not None and (precision.device.type == "cpu" or export.engine != "torch"):
+        torch.set_num_threads(threads)  # the cores are shared by the running workers
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    return Embedder(model, prep, precision, export.batch_size, engine=export.engine), config
+
+
+def export_in_process(export: Any) -> tuple[int, int]:
+    """Embed every split in this process and write the gallery; returns vector count and dim."""
+    embedder, config = _embedder(export)
+    ids, splits, labels, names, vectors = [], [], [], [], []
+    for split in export.splits:
+        path = paths.PROCESSED / f"{split}.parquet"
+        table = read_table(path, ["id", "label", "label_name"])
+        vectors.append(embedder.embed_parquet(path, progress=f"export_gallery: {split}"))
+        ids += table.column("id").to_pylist()
+        splits += [split] * table.num_rows
+        labels.append(table.column("label").to_numpy())
+        names += table.column("label_name").to_pylist()
+    matrix = np.concatenate(vectors)
+    count, dim = (int(n) for n in matrix.shape)
+    meta = {
+        **gallery_card(export, config),
+        "count": count,
+        "dim": dim,
+        "precision": embedder.precision.name,
+    }
+    table = gallery_table(ids, splits, np.concatenate(labels), names, matrix)
+    write_gallery(paths.GALLERY, table, meta)
+    return count, dim
+
+
+def export_as_worker(export: Any, key: str, threads: int) -> None:
+    """Be one shard worker (`--shard-key`): embed the shards it takes, on `threads` threads."""
+    embedder, _ = _embedder(export, threads)
+    export_worker(embedder, export, key)
+
+
+def export_sharded(
+    export: Any, worker: Callable[[int], list[str]], nodes: Nodes
+) -> tuple[int, int] | None:
+    """Run the shard workers and merge their pieces; None on a node other than 0.
+
+    What would fail in every worker (a bad precision, a missing package or model) fails here
+    first, in one line.
+    """
+    device = resolve_device("auto")
+    resolve_precision(export.precision, device)
+    if export.engine == "onnxruntime":
+        import_onnxruntime()
+    _, config = load_checkpoint(paths.MODEL)
+    # the onnxruntime engine runs on the CPU: its shards share the cores, not the GPUs
+    gpus = torch.cuda.device_count() if device.type == "cuda" and export.engine == "torch" else 0
+    card = gallery_card(export, config)
+    return run_export_shards(export, card, worker, nodes, gpus, available_cores())
