@@ -48,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "location": info.location,
             "fingerprint": info.fingerprint,
             "counts": counts,
+            "validation": {"from": info.validation}
+            | ({"val_fraction": params.data.val_fraction} if info.validation == "train" else {}),
         }
         (tmp / "source.json").write_text(json.dumps(source, indent=2, sort_keys=True) + "\n")
     card = resolve_pretrained(params.model, paths.PRETRAINED, params.data.seed)

@@ -1,8 +1,9 @@
 """Stage `preprocess`: decode every image safely, resize it, and cache each split as parquet.
 
 Unreadable images are skipped, never fatal, and listed with their reasons in
-metrics/data_report.json; a class left with one image or a split left empty stops the pipeline,
-because no triplet could be drawn from it. With `preprocess.shards` > 1 torch's elastic launcher
+metrics/data_report.json. A class left with one image in a split is a warning (it is no anchor
+or query there); a train or test split left empty, or with no class of two images, stops the
+pipeline, because no triplet could be drawn from it. With `preprocess.shards` > 1 torch's elastic launcher
 runs this script as shard workers (`--shard-key`), here or on `--nnodes` machines, and the stage
 merges their pieces into the same files.
 """
@@ -48,9 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["problems"][0] + (f" ({more} more in {paths.DATA_REPORT})" if more else "")
         )
     kept, skipped = report["kept"]["total"], report["skipped"]["total"]
+    warnings, validation = report["warnings"], report["validation"]
     log.info(
         f"preprocess: kept {kept} images, skipped {skipped}"
         + (f" (reasons in {paths.DATA_REPORT})" if skipped else "")
+        + f"; validation {report['kept']['validation']} images"
+        + (
+            f", none from {len(validation['classes_without'])} classes"
+            if validation["classes_without"]
+            else ""
+        )
+        + (f"; {len(warnings)} warnings, first: {warnings[0]}" if warnings else "")
     )
     return 0
 

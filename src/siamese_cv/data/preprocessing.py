@@ -8,6 +8,7 @@ and bytes, that one shard writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -220,8 +221,9 @@ def preprocess_splits(
 ) -> dict[str, Any] | None:
     """Write `out_dir/<split>.parquet` for each split of `raw_dir`; return the data report.
 
-    The report's `problems` lists each split left empty and each class left with a single image:
-    the caller writes the report first, then stops, so the reasons are there to read.
+    The report's `problems` lists each split left empty (validation may be) or with no class of
+    two images: the caller writes the report first, then stops, so the reasons are there to
+    read. Its `warnings` lists each class left with a single image in a split.
 
     Args:
         worker: with `params.shards` > 1, the argv after `python` of a shard worker with n
@@ -253,7 +255,7 @@ def preprocess_splits(
         manifests = _run_sharded(raw_dir, out_dir, params, workers, worker, nodes)
         if manifests is None:
             return None
-    return _report(manifests, params, workers)
+    return _report(manifests, params, workers, raw_dir)
 
 
 def _run_sharded(
@@ -291,22 +293,30 @@ def _concat_rows(pieces: list[Path], batch_size: int) -> Iterator[dict]:
             yield from batch.to_pylist()
 
 
-def _report(manifests: list[dict[str, Any]], params: PreprocessParams, workers: int) -> dict:
+def _report(
+    manifests: list[dict[str, Any]], params: PreprocessParams, workers: int, raw_dir: Path
+) -> dict:
     """The data report of the whole dataset from the pieces' manifests, in shard order."""
     kept: Counter = Counter()
     skipped: list[dict] = []
     problems: list[str] = []
+    warnings: list[str] = []
     for split in SPLITS:
         for manifest in manifests:
             kept.update({(split, c): n for c, n in manifest["kept"][split].items()})
             skipped.extend(manifest["skipped"][split])
-        problems.extend(_split_problems(split, kept, skipped))
+        errors, notes = _split_problems(split, kept, skipped)
+        problems.extend(errors)
+        warnings.extend(notes)
     per_split = {s: {c: n for (sp, c), n in sorted(kept.items()) if sp == s} for s in SPLITS}
     reasons = Counter(item["reason"].split(":")[0] for item in skipped)
     return {
         "kept": {"total": sum(kept.values()), **{s: sum(v.values()) for s, v in per_split.items()}},
         "per_class": per_split,
+        "validation": _validation_report(raw_dir, per_split),
         "problems": problems,
+        "warnings": warnings,
+        "skipped_queries": {s: sum(n for n in v.values() if n < 2) for s, v in per_split.items()},
         "skipped": {
             "total": len(skipped),
             "by_reason": dict(sorted(reasons.items())),
@@ -322,14 +332,40 @@ def _report(manifests: list[dict[str, Any]], params: PreprocessParams, workers: 
     }
 
 
-def _split_problems(split: str, kept: Counter, skipped: list[dict]) -> list[str]:
+def _validation_report(raw_dir: Path, per_split: dict[str, dict[str, int]]) -> dict:
+    """Where validation came from, the photos each class lent to it, and the classes without."""
+    path = raw_dir / "source.json"
+    source = json.loads(path.read_text()).get("validation", {}) if path.exists() else {}
+    lent = per_split["validation"]
+    return {
+        **source,
+        "photos": dict(lent),
+        "classes_without": sorted(set(per_split["train"]) - set(lent)),
+    }
+
+
+def _split_problems(split: str, kept: Counter, skipped: list[dict]) -> tuple[list[str], list[str]]:
+    """(what stops the pipeline, what only leaves photos out as anchors and queries) in a split.
+
+    A class with one photo in a split cannot anchor a triplet there nor be a query with an answer,
+    but it is still a negative and a gallery photo; a split with no class of two photos has no
+    triplet at all. An empty validation split means no validation (training keeps its last
+    epoch).
+    """
     counts = {c: n for (s, c), n in kept.items() if s == split}
     if not counts:
         lost = sum(1 for item in skipped if item["split"] == split)
-        return [f"split {split!r} has no readable images ({lost} skipped); check data.source"]
-    return [
-        f"split {split!r}: class {c!r} has only 1 readable image, too few for a triplet; add images "
-        "of it or remove the class from data.source"
-        for c, n in sorted(counts.items())
-        if n < 2
+        if split == "validation" and not lost:
+            return [], ["no validation photos: training keeps its last epoch"]
+        return [f"split {split!r} has no readable images ({lost} skipped); check data.source"], []
+    singles = sorted(c for c, n in counts.items() if n < 2)
+    if len(singles) == len(counts):
+        return [
+            f"split {split!r}: no class has 2 readable images, so no triplet or query can be drawn; "
+            "add a second image to some classes in data.source"
+        ], []
+    return [], [
+        f"split {split!r}: class {c!r} has only 1 readable image: it is left out as an anchor and "
+        "a query there, and stays a negative and a gallery photo"
+        for c in singles
     ]

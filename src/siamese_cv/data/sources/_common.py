@@ -42,12 +42,17 @@ class Record:
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """What the source is, its classes (label = index), and a fingerprint that changes with it."""
+    """What the source is, its classes (label = index), and a fingerprint that changes with it.
+
+    `validation` says where the validation split comes from: the source's own, or `train`
+    (held out of it by `data.val_fraction`).
+    """
 
     kind: str
     location: str
     class_names: list[str]
     fingerprint: dict
+    validation: str = "source"
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,10 @@ def holdout_count(n: int, fraction: float) -> int:
         return 0
     count = min(n - 2, max(1, int(fraction * n + 0.5)))
     return max(count, 2)
+
+
+def _validation_from(sliced: bool) -> str:
+    return "train" if sliced else "source"
 
 
 def _display(name: str) -> str:

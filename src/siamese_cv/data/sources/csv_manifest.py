@@ -20,6 +20,7 @@ from ._common import (
     _require_test,
     _stat_entry,
     _stream_entries,
+    _validation_from,
     stratified_holdout,
 )
 
@@ -40,7 +41,9 @@ def _open_csv(path: Path, fraction: float, seed: int) -> tuple[SourceInfo, Itera
     _require_test(entries, str(path), "give some rows split=test (header path,label,split)")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     fingerprint = {"manifest_sha256": digest, **_listing_fingerprint(entries)}
-    info = SourceInfo("csv", str(path), class_names, fingerprint)
+    info = SourceInfo(
+        "csv", str(path), class_names, fingerprint, _validation_from(not has_validation)
+    )
     return info, _stream_entries(entries, labels)
 
 

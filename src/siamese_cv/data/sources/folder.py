@@ -23,6 +23,7 @@ from ._common import (
     _stat_entry,
     _stream_entries,
     _unique_ids,
+    _validation_from,
 )
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -49,10 +50,13 @@ def _open_folder(root: Path, fraction: float, seed: int) -> tuple[SourceInfo, It
     entries = _unique_ids(sorted(entries, key=lambda e: (os.fsencode(e.path), e.id)))
     class_names = sorted({name for classes in class_dirs.values() for name, _ in classes})
     labels = {name: index for index, name in enumerate(class_names)}
-    if not any(SPLIT_ALIASES[folder.lower()] == "validation" for folder in splits):
+    sliced = not any(SPLIT_ALIASES[folder.lower()] == "validation" for folder in splits)
+    if sliced:
         entries = _assign_validation(entries, labels, fraction, seed, pool="train")
     _require_test(entries, str(root), f"add a test/ folder (expected layout {FOLDER_LAYOUT})")
-    info = SourceInfo("folder", str(root), class_names, _listing_fingerprint(entries))
+    info = SourceInfo(
+        "folder", str(root), class_names, _listing_fingerprint(entries), _validation_from(sliced)
+    )
     return info, _stream_entries(entries, labels)
 
 

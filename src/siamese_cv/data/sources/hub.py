@@ -21,7 +21,14 @@ import tenacity
 from siamese_cv.core.errors import UserError
 from siamese_cv.core.logs import quiet_loggers
 
-from ._common import SPLIT_ALIASES, Record, SourceInfo, _read, stratified_holdout
+from ._common import (
+    SPLIT_ALIASES,
+    Record,
+    SourceInfo,
+    _read,
+    _validation_from,
+    stratified_holdout,
+)
 
 DEFAULT_HF_REVISION = "refs/convert/parquet"
 _OFFLINE_HINT = "run the offline profile on a local folder: make repro-offline DATA=<image folder>"
@@ -101,12 +108,24 @@ def _open_hf(
             "pick a dataset with a test split, or use a local folder"
         )
     if streaming:
-        info = SourceInfo("hf", location, class_names, _files_fingerprint(location, files))
+        info = SourceInfo(
+            "hf",
+            location,
+            class_names,
+            _files_fingerprint(location, files),
+            _validation_from("validation" not in splits),
+        )
         records = _stream_iterable(
             splits, location, image_col, label_col, class_names, fraction, seed
         )
         return info, records
-    info = SourceInfo("hf", location, class_names, _hub_fingerprint(location, splits))
+    info = SourceInfo(
+        "hf",
+        location,
+        class_names,
+        _hub_fingerprint(location, splits),
+        _validation_from("validation" not in splits),
+    )
     records = _stream_hub(splits, location, image_col, label_col, class_names, fraction, seed)
     return info, records
 
