@@ -16,9 +16,8 @@ import pyarrow.parquet as pq
 
 from siamese_cv.config.params import TripletParams
 from siamese_cv.core.atomic import atomic_path
-from siamese_cv.core.errors import UserError
 from siamese_cv.data.parquet import read_labels
-from siamese_cv.data.triplets import pk_batches, random_triplets, rng_for
+from siamese_cv.data.triplets import pk_batches, pk_notes, random_triplets, rng_for
 
 _ABC = ("anchor", "positive", "negative")
 
@@ -42,14 +41,9 @@ def write_triplet_tables(
             random_triplets(train_labels, rng_for(seed, "train", e), "train") for e in range(epochs)
         ]
         train = _triplet_table(
-            np.concatenate(parts), epoch=np.repeat(np.arange(epochs), len(train_labels))
+            np.concatenate(parts), epoch=np.repeat(np.arange(epochs), [len(p) for p in parts])
         )
     else:
-        if params.samples_per_class > np.bincount(train_labels).max():
-            raise UserError(
-                f"triplets.samples_per_class: {params.samples_per_class} is more than the "
-                "largest training class holds; lower it"
-            )
         epochs_rows = [
             pk_batches(
                 train_labels,
@@ -59,25 +53,15 @@ def write_triplet_tables(
             )
             for e in range(epochs)
         ]
-        steps, width = epochs_rows[0].shape
-        train = pa.table(
-            {
-                "epoch": pa.array(np.repeat(np.arange(epochs), steps * width).astype(np.int32)),
-                "step": pa.array(
-                    np.tile(np.repeat(np.arange(steps), width), epochs).astype(np.int32)
-                ),
-                "row": pa.array(np.concatenate([r.ravel() for r in epochs_rows]).astype(np.int32)),
-            }
-        )
-    validation = _triplet_table(
-        random_triplets(val_labels, rng_for(seed, "validation", 0), "validation")
-    )
+        train = _pk_table(epochs_rows)
+    validation = _triplet_table(_validation_triplets(val_labels, seed))
     draws = [
         random_triplets(test_labels, rng_for(seed, "test", d), "test")
         for d in range(params.test_draws)
     ]
     test = _triplet_table(
-        np.concatenate(draws), draw=np.repeat(np.arange(params.test_draws), len(test_labels))
+        np.concatenate(draws),
+        draw=np.repeat(np.arange(params.test_draws), [len(d) for d in draws]),
     )
     meta = {
         "sampler": params.sampler,
@@ -92,12 +76,40 @@ def write_triplet_tables(
         for name, table in (("train", train), ("validation", validation), ("test", test)):
             pq.write_table(table, tmp / f"{name}.parquet", compression="zstd")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return {
+    summary = {
         "sampler": params.sampler,
         "train rows": train.num_rows,
         "validation triplets": validation.num_rows,
-        "test triplets": f"{params.test_draws} x {len(test_labels)}",
+        "test triplets": f"{params.test_draws} x {len(draws[0])}",
     }
+    if params.sampler == "pk":
+        notes = pk_notes(train_labels, params.classes_per_batch, params.samples_per_class)
+        summary |= {"notes": "; ".join(notes)} if notes else {}
+    return summary
+
+
+def _pk_table(epochs_rows: list[list[np.ndarray]]) -> pa.Table:
+    """`epoch, step, row`: every epoch's batches, flattened in order."""
+    epoch, step = [], []
+    for e, batches in enumerate(epochs_rows):
+        for b, rows in enumerate(batches):
+            epoch.append(np.full(len(rows), e))
+            step.append(np.full(len(rows), b))
+    rows = [r for batches in epochs_rows for r in batches]
+    return pa.table(
+        {
+            "epoch": pa.array(np.concatenate(epoch).astype(np.int32)),
+            "step": pa.array(np.concatenate(step).astype(np.int32)),
+            "row": pa.array(np.concatenate(rows).astype(np.int32)),
+        }
+    )
+
+
+def _validation_triplets(labels: np.ndarray, seed: int) -> np.ndarray:
+    """One draw of validation triplets; none when there is no validation split."""
+    if len(labels) == 0:
+        return np.empty((0, 3), dtype=np.int64)
+    return random_triplets(labels, rng_for(seed, "validation", 0), "validation")
 
 
 def read_schedule(out_dir: Path, batch_size: int) -> tuple[list[list[np.ndarray]], bool]:
