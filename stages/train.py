@@ -32,9 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = config["best"]
     members = config.get("members", [config])
     kept = ", ".join(f"{m['best_epoch']}/{params.train.epochs}" for m in members)
+    scores = (
+        f"val triplet accuracy {best['val_triplet_accuracy']:.4f}, val MAP@R "
+        f"{best['val_map_at_r']:.4f}"
+        if "val_map_at_r" in best
+        else "the last, no validation split"
+    )
     log.info(
-        f"train: best epoch {kept}: val triplet accuracy "
-        f"{best['val_triplet_accuracy']:.4f}, val MAP@R {best['val_map_at_r']:.4f} "
+        f"train: best epoch {kept}: {scores} "
         f"({config['train_seconds']:.0f} s, {config['precision']}, cached features: "
         f"{config['cached_features']}) -> {paths.MODEL}/model.safetensors"
     )

@@ -42,6 +42,7 @@ def run(
     embed_from="head",
     trained: list | None = None,
     prep: Preprocessing = PREP,
+    validation: bool = True,
 ):
     """Train the tiny network on coloured noise; `trained` receives the model it kept."""
     torch.manual_seed(0)
@@ -49,7 +50,7 @@ def run(
     if trained is not None:
         trained.append(model)
     model.freeze(freeze)
-    train, val = split(8, 0), split(4, 1)
+    train, val = split(8, 0), split(4, 1) if validation else SplitImages([], np.zeros(0, int))
     if pk:
         epochs = [
             list(pk_batches(train.labels, 3, 4, rng_for(0, "pk", e))) for e in range(params.epochs)
@@ -62,7 +63,11 @@ def run(
             ]
             for e in range(params.epochs)
         ]
-    val_triplets = random_triplets(val.labels, rng_for(0, "validation", 0))
+    val_triplets = (
+        random_triplets(val.labels, rng_for(0, "validation", 0))
+        if validation
+        else np.zeros((0, 3), int)
+    )
     precision = resolve_precision("fp32", torch.device("cpu"))
     return fit(
         model,
@@ -111,6 +116,19 @@ def test_training_learns_colours_and_keeps_the_best_epoch():
     before = untrained_map_at_r()
     assert before < 0.8 and result.best["val_map_at_r"] > before + 0.15, (before, result.best)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("freeze", [None, -1])
+def test_without_validation_the_last_epoch_is_kept(freeze, caplog):
+    caplog.set_level("INFO", logger="siamese_cv.training.loop")
+    params = TrainParams(epochs=3, lr=3e-3, workers=0, ema=0.5)
+    trained: list = []
+    result = run(params, freeze=freeze, validation=False, trained=trained)
+    assert result.best_epoch == 3 and "val_map_at_r" not in result.best
+    assert val_map_at_r(trained[0]) > untrained_map_at_r()
+    lines = [r.getMessage() for r in caplog.records]
+    assert "train: kept epoch 3 of 3 (the last: no validation split to choose by)" in lines[-1]
+    assert lines[0].startswith("train: epoch 1/3: loss ") and "val" not in lines[0]
 
 
 def test_cached_prefix_trains_exactly_like_the_images(monkeypatch):

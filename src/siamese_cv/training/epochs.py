@@ -36,6 +36,7 @@ class Trainer:
         loss_fn, miner: the loss (and miner) on the step's embeddings, cross-rank when asked.
         base_loss: the loss module itself (its parameters are a proxy loss's class vectors).
         cross: negatives are drawn across ranks (the loss is world x the step's loss).
+        scored: the network whose weights are kept: the model, or its moving average.
     """
 
     model: EmbeddingNet
@@ -49,6 +50,7 @@ class Trainer:
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
     cross: bool
+    scored: torch.nn.Module
 
     def epoch(
         self,

@@ -64,6 +64,9 @@ def fit(
 ) -> TrainResult:
     """Train `model` in place and leave it holding the best epoch's weights (by validation MAP@R).
 
+    Without a validation split (`data.val_fraction: 0`, or no class large enough to lend two
+    photos) there is nothing to choose by: the last epoch is kept.
+
     Args:
         model: backbone + head, already frozen as `train.freeze` asks.
         prep: preprocessing of the processed images; training runs at `image_size`,
@@ -87,10 +90,11 @@ def fit(
     started = time.perf_counter()  # the cache's time is its own line
     result = TrainResult(cache=cache, ema_decay=trainer.ema.decay if trainer.ema else 0.0)
     best_state = None
-    for epoch, steps in enumerate(data.schedule.epochs[: params.epochs], start=1):
+    epochs = data.schedule.epochs[: params.epochs]
+    for epoch, steps in enumerate(epochs, start=1):
         epoch_started = time.perf_counter()
         losses = trainer.epoch(epoch, steps, data.schedule, data.train, prep, settings)
-        scores, outputs = validator()
+        scores, outputs = validator() if validator is not None else ({}, [])
         train_loss = distributed.mean_over_ranks(float(np.mean(losses)), world, precision.device)
         row = {"epoch": epoch, "train_loss": train_loss, "lr": trainer.scheduler.get_last_lr()[0]}
         row.update(scores)
@@ -99,24 +103,27 @@ def fit(
         if world.main:
             log_row(row)
             log.info(_epoch_line(settings, row, time.perf_counter() - epoch_started))
-        if best_state is None or row[MONITOR] > result.best[MONITOR]:
+        better = validator is not None and (
+            best_state is None or row[MONITOR] > result.best[MONITOR]
+        )
+        if better or (validator is None and epoch == len(epochs)):
             result.best_epoch, result.best = epoch, dict(row)
             result.best_outputs = [o.detach().float().cpu() for o in outputs]
-            best_state = copy.deepcopy(validator.scored.state_dict())
+            best_state = copy.deepcopy(trainer.scored.state_dict())
 
     model.load_state_dict(best_state)
     model.eval()
     result.seconds = time.perf_counter() - started
     if world.main:
-        log.info(
-            "%s: kept epoch %d of %d (val MAP@R %.4f); %.1f s",
-            settings.name,
-            result.best_epoch,
-            len(result.history),
-            result.best[MONITOR],
-            result.seconds,
-        )
+        log.info(_kept_line(settings, result, validator is not None))
     return result
+
+
+def _kept_line(settings: FitSettings, result: TrainResult, validated: bool) -> str:
+    kept = f"{settings.name}: kept epoch {result.best_epoch} of {len(result.history)}"
+    if not validated:
+        return f"{kept} (the last: no validation split to choose by); {result.seconds:.1f} s"
+    return f"{kept} (val MAP@R {result.best[MONITOR]:.4f}); {result.seconds:.1f} s"
 
 
 def _prepare(
@@ -125,7 +132,7 @@ def _prepare(
     data: FitData,
     settings: FitSettings,
     cache: PrefixCache | None,
-) -> tuple[Trainer, Validator, PrefixCache | None]:
+) -> tuple[Trainer, Validator | None, PrefixCache | None]:
     """The loss, the device copy, the cache, the optimiser, its schedule and the average.
 
     In this order: the loss's class vectors and the cache's augmented views draw from torch's
@@ -133,7 +140,8 @@ def _prepare(
     """
     params, precision, world = settings.params, settings.precision, settings.world
     device = precision.device
-    num_classes = int(max(data.train.labels.max(), data.val.labels.max())) + 1
+    num_classes = int(np.concatenate([data.train.labels, data.val.labels]).max()) + 1
+    validated = len(data.val.labels) > 0
     base_loss = build_loss(
         params.loss, params.margin, num_classes, model.embedding_dim, params.proxy_alpha
     ).to(device)
@@ -150,7 +158,7 @@ def _prepare(
         cache = cache_frozen_prefix(
             parts[0],
             prep,
-            dict.fromkeys([*prep.sizes, *settings.cache_sizes]),
+            dict.fromkeys([*prep.sizes, *settings.cache_sizes] if validated else []),
             settings.cache_precision or precision,
             data.train,
             data.val,
@@ -186,17 +194,20 @@ def _prepare(
         scaler,
         ema,
         cross,
+        scored,
     )
-    features = [cache.validation[size] for size in prep.sizes] if cached else None
+    features = [cache.validation[size] for size in prep.sizes] if cached and validated else None
     validator = Validator(scored, rest, features, data, prep, settings, base_loss)
-    return trainer, validator, cache if cached else None
+    return trainer, validator if validated else None, cache if cached else None
 
 
 def _epoch_line(settings: FitSettings, row: dict, seconds: float) -> str:
     """`train: epoch 3/10: loss 0.1234, val loss ..., val MAP@R ...; 12.3 s` for the log."""
+    head = f"{settings.name}: epoch {row['epoch']}/{settings.params.epochs}: "
+    if "val_loss" not in row:
+        return f"{head}loss {row['train_loss']:.4f}; {seconds:.1f} s"
     return (
-        f"{settings.name}: epoch {row['epoch']}/{settings.params.epochs}: "
-        f"loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+        f"{head}loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
         f"val triplet accuracy {row['val_triplet_accuracy']:.4f}, "
         f"val precision@1 {row['val_precision_at_1']:.4f}, val MAP@R {row['val_map_at_r']:.4f}; "
         f"{seconds:.1f} s"

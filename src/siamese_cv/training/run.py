@@ -126,7 +126,8 @@ def train_and_save(
             if params.model.embed_from == "pooled":
                 model.drop_head()
             members.append((model, prep, result))
-        if len(members) > 1:
+        ensemble_best: dict = {}
+        if len(members) > 1 and len(val_images.labels):
             outputs = [o for _, _, result in members for o in result.best_outputs]
             ensemble_best = validation_scores(
                 mean_of_normalised(outputs), val_images.labels, val_triplets
