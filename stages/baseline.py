@@ -47,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures = scoring.write_scores(scores, paths.METRICS / "baseline.json")
     log.info(
         f"baseline, {card['backbone']} ({card['weights']}) frozen, pooled "
-        f"{backbone.feature_dim}-d: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items())
+        f"{backbone.feature_dim}-d: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in figures.items())
+        + scoring.skipped_note(scores)
     )
     return 0
 

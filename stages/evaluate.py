@@ -64,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info(
         "evaluate, model (baseline): "
         + ", ".join(f"{k} {v:.4f} ({base[k]:.4f})" for k, v in figures.items())
+        + scoring.skipped_note(scores)
     )
     return 0
 

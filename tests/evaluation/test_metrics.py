@@ -111,7 +111,7 @@ def test_singleton_classes_are_excluded_and_reported():
     emb = angles([0, 5, 90, 180])
     labels = np.array([0, 0, 1, 2])  # classes 1 and 2 have no other member
     out = retrieval_metrics(emb, labels, recall_at=(1,), class_names=["x", "y", "z"])
-    assert out["n_queries"] == 2
+    assert out["n_queries"] == 2 and out["n_skipped"] == 2
     assert out["precision_at_1"] == 1.0
     assert set(out["per_class"]) == {"x"}
 
@@ -165,7 +165,7 @@ def test_matches_pml_with_a_singleton_class():
     emb = unit(rng.normal(size=(len(labels), 6)))
     ours = retrieval_metrics(emb, labels)
     ref = pml_metrics(emb, labels)
-    assert ours["n_queries"] == 32
+    assert ours["n_queries"] == 32 and ours["n_skipped"] == 1
     assert ours["precision_at_1"] == pytest.approx(ref["precision_at_1"], abs=1e-4)
     assert ours["map_at_r"] == pytest.approx(ref["mean_average_precision_at_r"], abs=1e-4)
 

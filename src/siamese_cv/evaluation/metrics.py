@@ -248,7 +248,8 @@ def retrieval_metrics(
     MAP@R and R-precision silently wrong. Ties rank the lower row index first.
 
     Queries whose class has no other member (R = 0) are excluded from every number, as in PML;
-    `n_queries` says how many were counted.
+    `n_queries` says how many were counted, `n_skipped` how many were not (they still rank as
+    other queries' answers).
 
     Args:
         embeddings: [N, D] L2-normalised float32 rows.
@@ -257,7 +258,8 @@ def retrieval_metrics(
         class_names: names for `per_class` keys; str(label) is used without them.
 
     Returns:
-        `precision_at_1`, `recall_at_{k}` per k, `r_precision`, `map_at_r`, `n_queries`, and
+        `precision_at_1`, `recall_at_{k}` per k, `r_precision`, `map_at_r`, `n_queries`,
+        `n_skipped`, and
         `per_class` = {name: {"precision_at_1", "map_at_r", "n"}} for classes with counted queries.
 
     Raises:
@@ -309,6 +311,7 @@ def retrieval_metrics(
         "r_precision": float(r_prec[counted].mean()),
         "map_at_r": float(map_r[counted].mean()),
         "n_queries": int(counted.sum()),
+        "n_skipped": int((~counted).sum()),
     }
     per_class: dict[str, dict[str, float | int]] = {}
     for i, label in enumerate(classes.tolist()):

@@ -107,6 +107,17 @@ def headline(scores: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def skipped_note(scores: dict[str, Any]) -> str:
+    """`; 3 test queries skipped (...)` for a stage's log line, or nothing when none were."""
+    skipped = scores.get("n_skipped", 0)
+    if not skipped:
+        return ""
+    return (
+        f"; {skipped} test queries skipped in the retrieval metrics (alone in their class; "
+        "listed in metrics/data_report.json's warnings)"
+    )
+
+
 def per_class_rows(scores: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per class with counted queries (a class needs two test images), in class order."""
     return [
