@@ -1,0 +1,113 @@
+"""Copy detection: does an edited copy of a gallery photo find its original first, and how surely?
+
+Queries are edited copies of gallery photos (`copy_edits`) mixed with distractors, photos with
+no copy in the gallery (the test split). Per copy: recall@1 (its original ranks first) and the
+margin between the original's cosine and the best other photo's. Over all queries: micro-average
+precision (µAP) as DISC21 defines it: every query's top-k predictions pooled and ranked by
+score, ties ranked pessimistically (wrong before right), precision summed at each right answer
+and divided by the number of copies; distractors' predictions can only lower it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+_SLAB_ELEMENTS = 2**25  # one similarity slab, as in metrics.py: 128 MiB of float32
+
+
+def _similarities(query: np.ndarray, gallery: np.ndarray):
+    """Yield (first row, cosine similarities [chunk, G]) of unit `query` rows against `gallery`."""
+    ref = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
+    chunk = max(1, _SLAB_ELEMENTS // max(1, len(gallery)))
+    for start in range(0, len(query), chunk):
+        block = np.ascontiguousarray(query[start : start + chunk], dtype=np.float32)
+        yield start, torch.from_numpy(block) @ ref.T
+
+
+def micro_average_precision(scores: np.ndarray, correct: np.ndarray, positives: int) -> float:
+    """DISC21's µAP of pooled predictions: `scores` and `correct` are one entry per prediction.
+
+    Ties are broken pessimistically (a wrong prediction ranks before a right one of equal score),
+    so a constant score cannot buy precision.
+    """
+    if positives < 1:
+        raise ValueError("µAP needs at least one query with a copy in the gallery")
+    scores, correct = np.asarray(scores, np.float64).ravel(), np.asarray(correct, bool).ravel()
+    order = np.lexsort((correct, -scores))  # by score descending, then wrong first
+    right = correct[order]
+    precision = np.cumsum(right) / np.arange(1, len(right) + 1)
+    return float(precision[right].sum() / positives)
+
+
+def copy_detection_metrics(
+    copies: np.ndarray,
+    sources: Sequence[int],
+    edits: Sequence[str],
+    distractors: np.ndarray,
+    gallery: np.ndarray,
+    k: int = 10,
+) -> dict:
+    """Score copies of gallery photos, and distractors, searching `gallery` (all unit rows).
+
+    Args:
+        copies: [C, D] embeddings of the edited copies.
+        sources: [C] the gallery row each copy was made from.
+        edits: [C] the edit that made each copy.
+        distractors: [Q, D] embeddings of photos with no copy in the gallery.
+        gallery: [G, D] the gallery's embeddings (G >= 2).
+        k: predictions per query that µAP pools.
+
+    Returns:
+        `recall@1` and `uap` over everything, and `per_edit`: for each edit, its copies'
+        `recall@1`, `uap` (its copies with all the distractors), the median `margin` (the
+        original's cosine minus the best other photo's), and the medians `copy_score` and
+        `other_score`.
+    """
+    sources = np.asarray(sources, np.int64)
+    edits = np.asarray(edits)
+    if len(copies) != len(sources) or len(sources) != len(edits):
+        raise ValueError("copies, sources and edits must have one entry per copy")
+    if len(gallery) < 2:
+        raise ValueError("copy detection needs a gallery of at least 2 photos")
+    depth = min(k, len(gallery))
+    own, other, first = (np.empty(len(copies)) for _ in range(3))
+    copy_scores, copy_right = np.empty((len(copies), depth)), np.empty((len(copies), depth), bool)
+    for start, sims in _similarities(copies, gallery):
+        rows = torch.arange(len(sims))
+        src = torch.from_numpy(sources[start : start + len(sims)])
+        own_score = sims[rows, src].clone()
+        top, index = sims.topk(depth, dim=1)
+        sims[rows, src] = float("-inf")
+        stop = start + len(sims)
+        own[start:stop], other[start:stop] = own_score.numpy(), sims.max(dim=1).values.numpy()
+        first[start:stop] = own[start:stop] > other[start:stop]
+        copy_scores[start:stop], copy_right[start:stop] = (
+            top.numpy(),
+            (index == src[:, None]).numpy(),
+        )
+    distractor_scores = np.concatenate(
+        [sims.topk(depth, dim=1).values.numpy() for _, sims in _similarities(distractors, gallery)]
+        or [np.empty((0, depth))]
+    )
+
+    def summary(mask: np.ndarray) -> dict:
+        scores = np.concatenate([copy_scores[mask].ravel(), distractor_scores.ravel()])
+        right = np.concatenate([copy_right[mask].ravel(), np.zeros(distractor_scores.size, bool)])
+        return {
+            "recall@1": float(first[mask].mean()),
+            "uap": micro_average_precision(scores, right, int(mask.sum())),
+            "margin": float(np.median(own[mask] - other[mask])),
+            "copy_score": float(np.median(own[mask])),
+            "other_score": float(np.median(other[mask])),
+        }
+
+    overall = summary(np.ones(len(copies), bool))
+    return {
+        "recall@1": overall["recall@1"],
+        "uap": overall["uap"],
+        "margin": overall["margin"],
+        "per_edit": {name: summary(edits == name) for name in dict.fromkeys(edits.tolist())},
+    }
