@@ -10,7 +10,11 @@ import torch
 from conftest import food10_photos
 from PIL import Image
 
-from siamese_cv.evaluation.copy_detection import copy_detection_metrics, micro_average_precision
+from siamese_cv.evaluation.copy_detection import (
+    copy_detection_metrics,
+    micro_average_precision,
+    score_copies,
+)
 from siamese_cv.evaluation.copy_edits import EDITS, choose_sources, make_copies
 
 
@@ -104,33 +108,30 @@ def test_sources_are_seeded_distinct_rows() -> None:
 
 
 def test_pretrained_features_find_copies_of_real_photos() -> None:
-    """Frozen ImageNet Lite0 on 9 food10 photos of 3 classes: every edit's copies find their
-    original (the edits are copies, not new photos), and beat a same-class photo clearly."""
-    from siamese_cv.inference.embedder import decode_batch
+    """Frozen ImageNet Lite0 on 9 food10 photos of 3 classes: every edit's copies, embedded as
+    search embeds a query, find their original (the edits are copies, not new photos), and beat
+    a same-class photo clearly."""
+    from siamese_cv.inference.embedder import Embedder
+    from siamese_cv.inference.hardware import resolve_precision
     from siamese_cv.models.backbones import get_backbone_spec
     from siamese_cv.models.siamese import Preprocessing
 
     spec = get_backbone_spec("efficientnet_lite0")
     backbone = spec.build()
     backbone.module.load_state_dict(spec.fetch_imagenet())
-    net = backbone.module.eval()
     prep = Preprocessing(224, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-    def embed(encoded: list[bytes]) -> np.ndarray:
-        with torch.inference_mode():
-            out = torch.cat([net(decode_batch(encoded[i : i + 32], prep))
-                             for i in range(0, len(encoded), 32)])  # fmt: skip
-        return torch.nn.functional.normalize(out, dim=1).numpy()
-
+    embedder = Embedder(backbone.module, prep, resolve_precision("fp32", torch.device("cpu")), 32)
     photos = _photos(3)
-    copies = make_copies(photos, range(len(photos)), seed=0)
-    result = copy_detection_metrics(
-        embed([c.encoded for c in copies]),
-        [c.source for c in copies],
-        [c.edit for c in copies],
-        embed([p.read_bytes() for p in food10_photos("test", 2, classes=3)["apple_pie"]]),
-        embed(photos),
+    distractors = [p.read_bytes() for p in food10_photos("test", 2, classes=3)["apple_pie"]]
+    result = score_copies(
+        embedder,
+        photos,
+        embedder.embed_encoded(photos),
+        embedder.embed_encoded(distractors),
+        count=len(photos),
+        seed=0,
     )
+    assert result is not None and set(result["per_edit"]) == set(EDITS)
     assert result["recall@1"] >= 0.95, result
     assert result["uap"] >= 0.9 and result["margin"] > 0.05, result
-    assert set(result["per_edit"]) == set(EDITS)
+    assert score_copies(embedder, photos, np.zeros((9, 4)), np.zeros((0, 4)), 0, 0) is None

@@ -10,10 +10,16 @@ and divided by the number of copies; distractors' predictions can only lower it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from siamese_cv.data.images import load_rgb
+from siamese_cv.evaluation.copy_edits import choose_sources, make_copies
+from siamese_cv.inference.embedder import to_tensor
 
 _SLAB_ELEMENTS = 2**25  # one similarity slab, as in metrics.py: 128 MiB of float32
 
@@ -111,3 +117,37 @@ def copy_detection_metrics(
         "margin": overall["margin"],
         "per_edit": {name: summary(edits == name) for name in dict.fromkeys(edits.tolist())},
     }
+
+
+def score_copies(
+    embedder: Any,
+    gallery_images: Sequence[bytes],
+    gallery: np.ndarray,
+    distractors: np.ndarray,
+    count: int,
+    seed: int,
+) -> dict | None:
+    """Copy `count` seeded gallery photos with every edit, embed the copies as search embeds a
+    query, and score them (`copy_detection_metrics`); None when `count` is 0.
+
+    Args:
+        embedder: the model's `Embedder`; its preprocessing resizes each copy like a query.
+        gallery_images: the gallery's stored photos, in gallery order.
+        gallery, distractors: the gallery's and the distractors' embeddings, by the same model.
+    """
+    if count == 0:
+        return None
+    sources = choose_sources(count, len(gallery_images), seed)
+    copies = make_copies(gallery_images, sources, seed)
+    prep = embedder.prep
+
+    def batch(chunk: list[bytes]) -> torch.Tensor:
+        return to_tensor([load_rgb(data, prep.image_size, prep.resize) for data in chunk], prep)
+
+    encoded = [c.encoded for c in copies]
+    size = embedder.batch_size
+    makers = (functools.partial(batch, encoded[i : i + size]) for i in range(0, len(encoded), size))
+    vectors = embedder.embed_batches(makers, total=len(encoded), progress="embedding copies")
+    return copy_detection_metrics(
+        vectors, [c.source for c in copies], [c.edit for c in copies], distractors, gallery
+    )
