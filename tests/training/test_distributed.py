@@ -268,3 +268,8 @@ def test_pk_shares_are_whole_classes_and_triplet_weights_average_to_the_step():
         share_of(rows[labels[rows] < 2], labels, False, 0, 3)
     with pytest.raises(UserError, match="do not split evenly over 2"):
         share_of(rows[labels[rows] < 3], labels, False, 0, 2, equal=True)
+    short = np.repeat(np.arange(4), [4, 4, 1, 4])  # class 2 is smaller than K
+    uneven = pk_batches(short, 4, 2, np.random.default_rng(0))[0]
+    assert len(uneven) == 7 and len(share_of(uneven, short, False, 0, 2).rows) in (3, 4)
+    with pytest.raises(UserError, match="cross_rank_negatives: a P x K step's shares differ"):
+        share_of(uneven, short, False, 0, 2, equal=True)

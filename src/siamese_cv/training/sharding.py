@@ -80,5 +80,11 @@ def _class_share(
             "data than triplets.classes_per_batch?); set train.cross_rank_negatives: "
             f"false or use a multiple of {world} classes"
         )
-    mine = np.array_split(classes, world)[rank]
-    return rows[np.isin(step_labels, mine)]
+    parts = np.array_split(classes, world)
+    if equal and len({int(np.isin(step_labels, part).sum()) for part in parts}) > 1:
+        raise UserError(
+            "train.cross_rank_negatives: a P x K step's shares differ in size (a class has "
+            "fewer than triplets.samples_per_class training images); set "
+            "train.cross_rank_negatives: false or lower triplets.samples_per_class"
+        )
+    return rows[np.isin(step_labels, parts[rank])]
