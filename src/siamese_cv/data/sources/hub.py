@@ -107,27 +107,14 @@ def _open_hf(
             f"hf:{location}: no test split (splits: {', '.join(loaded)}); "
             "pick a dataset with a test split, or use a local folder"
         )
-    if streaming:
-        info = SourceInfo(
-            "hf",
-            location,
-            class_names,
-            _files_fingerprint(location, files),
-            _validation_from("validation" not in splits),
-        )
-        records = _stream_iterable(
-            splits, location, image_col, label_col, class_names, fraction, seed
-        )
-        return info, records
-    info = SourceInfo(
-        "hf",
-        location,
-        class_names,
-        _hub_fingerprint(location, splits),
-        _validation_from("validation" not in splits),
+    fingerprint = (
+        _files_fingerprint(location, files) if streaming else _hub_fingerprint(location, splits)
     )
-    records = _stream_hub(splits, location, image_col, label_col, class_names, fraction, seed)
-    return info, records
+    info = SourceInfo(
+        "hf", location, class_names, fingerprint, _validation_from("validation" not in splits)
+    )
+    stream = _stream_iterable if streaming else _stream_hub
+    return info, stream(splits, location, image_col, label_col, class_names, fraction, seed)
 
 
 @contextlib.contextmanager
