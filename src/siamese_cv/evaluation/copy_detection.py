@@ -19,18 +19,8 @@ import torch
 
 from siamese_cv.data.images import load_rgb
 from siamese_cv.evaluation.copy_edits import choose_sources, make_copies
+from siamese_cv.evaluation.metrics import similarity_slabs
 from siamese_cv.inference.embedder import to_tensor
-
-_SLAB_ELEMENTS = 2**25  # one similarity slab, as in metrics.py: 128 MiB of float32
-
-
-def _similarities(query: np.ndarray, gallery: np.ndarray):
-    """Yield (first row, cosine similarities [chunk, G]) of unit `query` rows against `gallery`."""
-    ref = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32))
-    chunk = max(1, _SLAB_ELEMENTS // max(1, len(gallery)))
-    for start in range(0, len(query), chunk):
-        block = np.ascontiguousarray(query[start : start + chunk], dtype=np.float32)
-        yield start, torch.from_numpy(block) @ ref.T
 
 
 def micro_average_precision(scores: np.ndarray, correct: np.ndarray, positives: int) -> float:
@@ -74,6 +64,9 @@ def copy_detection_metrics(
     """
     sources = np.asarray(sources, np.int64)
     edits = np.asarray(edits)
+    copies, distractors, gallery = (
+        np.ascontiguousarray(a, dtype=np.float32) for a in (copies, distractors, gallery)
+    )
     if len(copies) != len(sources) or len(sources) != len(edits):
         raise ValueError("copies, sources and edits must have one entry per copy")
     if len(gallery) < 2:
@@ -81,7 +74,7 @@ def copy_detection_metrics(
     depth = min(k, len(gallery))
     own, other, first = (np.empty(len(copies)) for _ in range(3))
     copy_scores, copy_right = np.empty((len(copies), depth)), np.empty((len(copies), depth), bool)
-    for start, sims in _similarities(copies, gallery):
+    for start, sims in similarity_slabs(copies, gallery):
         rows = torch.arange(len(sims))
         src = torch.from_numpy(sources[start : start + len(sims)])
         own_score = sims[rows, src].clone()
@@ -95,7 +88,10 @@ def copy_detection_metrics(
             (index == src[:, None]).numpy(),
         )
     distractor_scores = np.concatenate(
-        [sims.topk(depth, dim=1).values.numpy() for _, sims in _similarities(distractors, gallery)]
+        [
+            sims.topk(depth, dim=1).values.numpy()
+            for _, sims in similarity_slabs(distractors, gallery)
+        ]
         or [np.empty((0, depth))]
     )
 

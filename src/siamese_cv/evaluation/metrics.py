@@ -99,15 +99,24 @@ def _ranked_chunks(
     With `exclude_self` the query set is the reference set and each row's own index is never
     returned (excluded by index, not by value, so duplicate images still find each other).
     """
+    for start, sims in similarity_slabs(query, reference):
+        if exclude_self:
+            rows = torch.arange(len(sims))
+            sims[rows, rows + start] = float("-inf")
+        yield start, _stable_topk(sims, k)
+
+
+def similarity_slabs(
+    query: np.ndarray, reference: np.ndarray
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first query row, dot products [chunk, len(reference)]), one slab in memory at a time.
+
+    Both must be C-contiguous float32 (`_check_embeddings`); for unit rows these are cosines.
+    """
     ref = torch.from_numpy(reference)
     chunk = max(1, _SLAB_ELEMENTS // max(1, len(reference)))
     for start in range(0, len(query), chunk):
-        stop = min(start + chunk, len(query))
-        sims = torch.from_numpy(query[start:stop]) @ ref.T
-        if exclude_self:
-            rows = torch.arange(stop - start)
-            sims[rows, rows + start] = float("-inf")
-        yield start, _stable_topk(sims, k)
+        yield start, torch.from_numpy(query[start : start + chunk]) @ ref.T
 
 
 def triplet_accuracy(
