@@ -26,6 +26,7 @@ STAGES = [
     "download",
     "preprocess",
     "sample_triplets",
+    "features",
     "train",
     "baseline",
     "export_gallery",

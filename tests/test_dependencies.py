@@ -201,7 +201,10 @@ def audit(dvc: dict, stage: str, used: Used, external: Iterable[str] = ()) -> li
 def traced(tmp_path_factory) -> tuple[Path, dict[str, Used]]:
     """The tiny project after every stage ran once, in order, and what each one used."""
     base = tmp_path_factory.mktemp("dependencies")
-    root = make_project(base / "project", copy_photos(base / "photos", train=6, test=3, classes=3))
+    # a frozen, augmented prefix, so the features stage computes (and reads) everything it can
+    cached = {"train.freeze": "1", "train.augment": "true", "train.augment_views": "2"}
+    photos = copy_photos(base / "photos", train=6, test=3, classes=3)
+    root = make_project(base / "project", photos, cached)
     return root, {s: trace_stage(root, s, base / f"{s}.json") for s in STAGES}
 
 
@@ -229,7 +232,8 @@ def test_dvc_yaml_lists_every_file_and_params_key_each_stage_reads(traced):
         ("baseline", "data/raw/classes.json"),
         ("evaluate", "data/processed/train.parquet"),
         ("index_gallery", "stages/index_gallery.py"),
-        ("train", "evaluate.engine"),
+        ("features", "evaluate.engine"),
+        ("train", "data/features/card.json"),
         ("evaluate", "evaluate.recall_at"),
     ],
 )

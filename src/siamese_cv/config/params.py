@@ -445,6 +445,18 @@ def member_sizes(params: Params) -> list[tuple[int, ...]]:
     return [tuple(own) for own in per_member]
 
 
+def every_inference_size(params: Params) -> list[int]:
+    """Every member's inference sizes, the first member's first, without reading train.members.
+
+    What the frozen-prefix features are computed at: an edit of the number of members (which
+    `member_sizes` reads) must not change them. A member without sizes embeds at the stored one.
+    """
+    sizes = params.model.inference_sizes
+    lists = sizes if sizes and isinstance(sizes[0], list) else [sizes]
+    stored = params.preprocess.image_size
+    return list(dict.fromkeys(s for own in lists for s in (own or [stored])))
+
+
 def parse_freeze(value: str | int) -> int | None:
     """`train.freeze` as a stage count: None = nothing frozen; a large number = everything.
 

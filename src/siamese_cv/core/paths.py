@@ -5,6 +5,7 @@ from pathlib import Path
 RAW = Path("data/raw")
 PROCESSED = Path("data/processed")
 TRIPLETS = Path("data/triplets")
+FEATURES = Path("data/features")
 GALLERY = Path("data/gallery")
 PRETRAINED = Path("models/pretrained")
 MODEL = Path("models")

@@ -154,7 +154,12 @@ def _prepare(
     model.to(device, memory_format=memory_format)
     views = params.augment_views if params.augment else 0
     parts = model.split_frozen()
-    if cache is None and parts is not None and (not params.augment or views):
+    if (
+        cache is None
+        and settings.fill_cache
+        and parts is not None
+        and (not params.augment or views)
+    ):
         cache = cache_frozen_prefix(
             parts[0],
             prep,

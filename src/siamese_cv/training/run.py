@@ -18,13 +18,13 @@ from siamese_cv import __version__
 from siamese_cv.config.params import Params, member_sizes, parse_freeze
 from siamese_cv.core import paths
 from siamese_cv.core.errors import UserError
-from siamese_cv.data.parquet import read_table
 from siamese_cv.data.triplet_tables import read_schedule, read_triplets
 from siamese_cv.inference.hardware import resolve_device, resolve_precision, seed_everything
 from siamese_cv.models.ensemble import Ensemble, mean_of_normalised
 from siamese_cv.models.pretrained import load_pretrained, preprocessing_of
 from siamese_cv.models.siamese import EmbeddingNet, save_checkpoint
 from siamese_cv.training.distributed import SINGLE, World
+from siamese_cv.training.feature_store import read_features
 from siamese_cv.training.loop import fit
 from siamese_cv.training.settings import FitData, FitSettings, Schedule, SplitImages
 from siamese_cv.training.validation import validation_scores
@@ -49,15 +49,11 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def load_split(name: str) -> SplitImages:
-    table = read_table(paths.PROCESSED / f"{name}.parquet", ["image", "label"])
-    return SplitImages(
-        table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64)
-    )
-
-
 def train_and_save(
-    params: Params, world: World = SINGLE, device: torch.device | None = None
+    params: Params,
+    world: World = SINGLE,
+    device: torch.device | None = None,
+    stored_features: bool = True,
 ) -> dict[str, Any]:
     """Train as `params` says and write models/model.safetensors + models/config.json.
 
@@ -69,6 +65,8 @@ def train_and_save(
         params: all parameters.
         world: this process's place in a multi-process run (inside its process group).
         device: this rank's device; None resolves `train.device`.
+        stored_features: read the frozen prefix's outputs from data/features (the features
+            stage); False computes them here, in memory, as `fit` can.
 
     Returns:
         The config (written by rank 0), including the per-epoch history and the best epoch.
@@ -82,7 +80,10 @@ def train_and_save(
             f"= {tp.sampled_epochs}; rerun `dvc repro sample_triplets`"
         )
     val_triplets, _ = read_triplets(paths.TRIPLETS / "validation.parquet")
-    train_images, val_images = load_split("train"), load_split("validation")
+    train_images, val_images = (
+        SplitImages.from_parquet(paths.PROCESSED / f"{split}.parquet")
+        for split in ("train", "validation")
+    )
     precision = resolve_precision(tp.precision, device or resolve_device(tp.device))
 
     from dvclive import Live
@@ -108,16 +109,40 @@ def train_and_save(
             seed_everything(member_params.seed)
             model, card, frozen = _pretrained_model(params)
             prep = replace(preprocessing_of(params.preprocess, card), input_sizes=own_sizes)
+            cache_sizes = tuple(s for own in sizes for s in own)
+            if k == 0 and stored_features:
+                needed = list(dict.fromkeys([*prep.sizes, *cache_sizes]))
+                views = tp.augment_views if tp.augment else 0
+                cache = read_features(
+                    paths.FEATURES,
+                    model.frozen_stages,
+                    views,
+                    tp.seed,
+                    train_images,
+                    val_images,
+                    needed if len(val_images.labels) else [],
+                    precision.device,
+                )
+            filling = (
+                {}
+                if stored_features
+                else {
+                    "cache_precision": resolve_precision(
+                        params.evaluate.precision, precision.device
+                    ),
+                    "cache_engine": params.evaluate.engine,
+                }
+            )
             settings = FitSettings(
                 member_params,
                 precision,
                 batch_size_eval=params.evaluate.batch_size,
                 world=world,
-                cache_precision=resolve_precision(params.evaluate.precision, precision.device),
-                cache_engine=params.evaluate.engine,
                 embed_from=params.model.embed_from,
-                cache_sizes=tuple(s for own in sizes for s in own),
+                cache_sizes=cache_sizes,
+                fill_cache=not stored_features,
                 name=f"train: member {k + 1} of {len(sizes)}" if len(sizes) > 1 else "train",
+                **filling,
             )
             schedule = Schedule(steps[k * tp.epochs : (k + 1) * tp.epochs], are_triplets)
             data = FitData(train_images, val_images, schedule, val_triplets)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from siamese_cv.config.params import TrainParams
+from siamese_cv.data.parquet import read_table
 from siamese_cv.inference.hardware import Precision
 from siamese_cv.training.distributed import SINGLE, World
 
@@ -17,6 +19,14 @@ class SplitImages:
 
     encoded: list[bytes]
     labels: np.ndarray
+
+    @classmethod
+    def from_parquet(cls, path: Path) -> SplitImages:
+        """A processed split (data/processed/<split>.parquet)."""
+        table = read_table(path, ["image", "label"])
+        return cls(
+            table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64)
+        )
 
 
 @dataclass
@@ -62,6 +72,8 @@ class FitSettings:
             validation loss is always the head's, at the first inference size.
         cache_sizes: further validation sizes to put in a cache computed here (the later
             members' inference sizes).
+        fill_cache: compute the frozen-prefix cache here when none is given; False when the
+            features stage already decided (its stored features, or none: train on images).
         name: what the log lines call this run (`train`, or an ensemble member's name).
     """
 
@@ -73,4 +85,5 @@ class FitSettings:
     cache_engine: str = "torch"
     embed_from: str = "head"
     cache_sizes: tuple[int, ...] = ()
+    fill_cache: bool = True
     name: str = "train"
