@@ -1,22 +1,26 @@
-"""The pipeline as a whole: `dvc repro` from empty, a no-op `dvc repro`, and the rerun after an edit.
+"""The edit loop: `dvc repro` from empty, a no-op `dvc repro`, and the reruns after an edit.
 
 A fresh `git clone` of this repository's HEAD in a temporary folder gets the offline profile on
 food10 (`make repro-offline` without the set-up: the clone uses this checkout's .venv, with its
-own `src/` first on the path). Three `dvc repro` runs are timed there:
+own `src/` first on the path). These `dvc repro` runs are timed there, one after another:
 
-1. from empty (the baseline the other two are compared with);
+1. from empty (the baseline the others are compared with);
 2. straight after, with nothing changed: DVC should only hash and skip;
-3. after `train.lr` is halved: DVC should rerun train and what depends on it (export_gallery,
-   index_gallery, evaluate) and skip download, preprocess, sample_triplets and baseline.
+3. after `train.lr` is halved: train and what depends on it (export_gallery, index_gallery,
+   evaluate) rerun; download, preprocess, sample_triplets, features and baseline do not;
+4. after `train.epochs` is raised by one (from the lr edit's state): sample_triplets draws the
+   steps again, then train and what follows; features still does not rerun.
 
-Time to target, from run 1's `models/config.json`: how far into the train stage validation
-MAP@R first came within 0.01 of the best it reached, against the whole stage.
+Each stage prints "<stage>: done in X s", which gives the per-stage split of every run; which
+stages ran is read from DVC's own lines. Time to target, from run 1's `models/config.json`: how
+far into the train stage validation MAP@R first came within 0.01 of the best it reached.
 
-Each stage prints "<stage>: done in X s", which gives the per-stage split of run 1. With --quick
-the data are 30 photos per class and split, and training is 2 epochs: it checks that the
-benchmark runs, not how fast the pipeline is.
+Every run appends its figures to benchmarks/results/bench_pipeline.json, keyed by commit and
+CPU; the table then shows the latest earlier commit's figures from the same CPU beside them.
+With --quick the data are 30 photos per class and split, and training is 2 epochs: it checks
+that the benchmark runs, not how fast the pipeline is.
 
-Run: python benchmarks/bench_pipeline.py [--quick] [--keep] [--no-edit]
+Run: python benchmarks/bench_pipeline.py [--quick] [--keep] [--edits lr,epochs | --edits none]
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
-from _common import FOOD10, ROOT, Row, print_table
+from _common import FOOD10, ROOT, Row, cpu_model, print_table
 
 STAGE_DONE = re.compile(r"^(\w+): done in ([\d.]+) s$", re.MULTILINE)
 RAN = re.compile(r"Running stage '(\w+)'")
+HISTORY = ROOT / "benchmarks" / "results" / "bench_pipeline.json"
+EDITS = ("lr", "epochs")
 
 
 def environment(clone: Path) -> dict[str, str]:
@@ -108,6 +114,41 @@ def time_to_target(config: dict, train_stage_s: float, within: float = 0.01) -> 
     return reached
 
 
+def edited(name: str, params: dict) -> tuple[str, str]:
+    """The `--set` of edit `name` on the current params, and its description."""
+    if name == "lr":
+        lr = float(params["train"]["lr"])
+        return f"train.lr={lr / 2}", f"train.lr {lr} -> {lr / 2}"
+    epochs = int(params["train"]["epochs"])
+    return f"train.epochs={epochs + 1}", f"train.epochs {epochs} -> {epochs + 1}"
+
+
+def run_record(seconds: float, log: str) -> dict:
+    return {
+        "seconds": round(seconds, 1),
+        "ran": RAN.findall(log),
+        "stages": {name: float(s) for name, s in STAGE_DONE.findall(log)},
+    }
+
+
+def commit_of(folder: Path) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def previous(history: list[dict], record: dict) -> dict | None:
+    """The latest record from the same CPU and data for another commit."""
+    same = [
+        h
+        for h in history
+        if h["cpu"] == record["cpu"]
+        and h["quick"] == record["quick"]
+        and h["commit"] != record["commit"]
+    ]
+    return same[-1] if same else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -115,12 +156,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone")
     parser.add_argument(
-        "--no-edit", action="store_true", help="skip run 3 (the rerun after the train.lr edit)"
+        "--edits",
+        default=",".join(EDITS),
+        help="which edits to rerun after, in order: lr, epochs (default both), or none",
     )
     args = parser.parse_args(argv)
+    edits = [e for e in args.edits.split(",") if e and e != "none"]
+    if unknown := set(edits) - set(EDITS):
+        raise SystemExit(f"--edits: {', '.join(sorted(unknown))} not one of {', '.join(EDITS)}")
     if not (FOOD10 / "train").is_dir():
         raise SystemExit(f"food10 not found at {FOOD10}; set SIAMESE_CV_FOOD10 to its folder")
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    record = {"commit": commit_of(ROOT), "cpu": cpu_model(), "quick": args.quick,
+              "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     try:
         clone = work / "repo"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -131,66 +179,98 @@ def main(argv: Sequence[str] | None = None) -> int:
         timed(["siamese-params", "apply", "profiles/offline.yaml", *overrides], clone)
 
         full_s, full_log = timed(["dvc", "repro"], clone)
-        first = json.loads((clone / "metrics" / "test.json").read_text())
+        record["from_empty"] = run_record(full_s, full_log)
+        record["metrics"] = json.loads((clone / "metrics" / "test.json").read_text())
         baseline = json.loads((clone / "metrics" / "baseline.json").read_text())
-        train_s = float(dict(STAGE_DONE.findall(full_log))["train"])
+        train_s = record["from_empty"]["stages"]["train"]
         reached = time_to_target(
             json.loads((clone / "models" / "config.json").read_text()), train_s
         )
-        noop_s, noop_log = timed(["dvc", "repro"], clone)
-        lr = float(yaml.safe_load((clone / "params.yaml").read_text())["train"]["lr"])
-        edit = None
-        if not args.no_edit:
-            timed(["siamese-params", "apply", "--set", f"train.lr={lr / 2}"], clone)
-            edit_s, edit_log = timed(["dvc", "repro"], clone)
-            edit = edit_s, edit_log, json.loads((clone / "metrics" / "test.json").read_text())
+        record["noop"] = run_record(*timed(["dvc", "repro"], clone))
+        record["edits"] = {}
+        for name in edits:
+            params = yaml.safe_load((clone / "params.yaml").read_text())
+            setting, described = edited(name, params)
+            timed(["siamese-params", "apply", "--set", setting], clone)
+            status = timed(["dvc", "status"], clone)[1]
+            rerun = run_record(*timed(["dvc", "repro"], clone))
+            rerun |= {
+                "edit": described,
+                "status_named": sorted(set(re.findall(r"^(\w+):", status, re.MULTILINE))),
+                "metrics": json.loads((clone / "metrics" / "test.json").read_text()),
+            }
+            record["edits"][name] = rerun
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    rows = [Row("no-op dvc repro vs from empty", noop_s, full_s, "s", higher_is_better=False)]
-    rows.append(
-        Row(
-            "train: time to target vs the whole train stage",
-            reached[-1]["target_s"],
-            train_s,
-            "s",
-            higher_is_better=False,
-        )
+    history = json.loads(HISTORY.read_text()) if HISTORY.is_file() else []
+    before = previous(history, record)
+    HISTORY.parent.mkdir(parents=True, exist_ok=True)
+    HISTORY.write_text(json.dumps([*history, record], indent=1) + "\n")
+    print_table(
+        "dvc repro wall time (project: the run; baseline: the run from empty)",
+        rows_of(record, reached, train_s),
+        notes_of(record, reached, baseline, before, args, work),
     )
-    if edit:
+    return 0
+
+
+def rows_of(record: dict, reached: list[dict], train_s: float) -> list[Row]:
+    full_s = record["from_empty"]["seconds"]
+    rows = [
+        Row("no-op dvc repro vs from empty", record["noop"]["seconds"], full_s, "s",
+            higher_is_better=False),
+        Row("train: time to target vs the whole train stage", reached[-1]["target_s"], train_s,
+            "s", higher_is_better=False),
+    ]  # fmt: skip
+    for name, rerun in record["edits"].items():
         rows.append(
-            Row(
-                "rerun after train.lr edit vs from empty",
-                edit[0],
-                full_s,
-                "s",
-                higher_is_better=False,
-            )
-        )
-    stages = ", ".join(f"{name} {float(s):.1f} s" for name, s in STAGE_DONE.findall(full_log))
+            Row(f"rerun after the {name} edit vs from empty", rerun["seconds"], full_s, "s",
+                higher_is_better=False)
+        )  # fmt: skip
+    return rows
+
+
+def _stages_line(run: dict) -> str:
+    return ", ".join(f"{name} {s:.1f} s" for name, s in run["stages"].items())
+
+
+def notes_of(record, reached, baseline, before, args, work) -> list[str]:
+    full = record["from_empty"]
+    data = "30 photos a class and split, 2 epochs" if args.quick else "food10, offline profile"
     notes = [
-        f"from empty: {full_s:.1f} s in all ({'30 photos a class and split, 2 epochs' if args.quick else 'food10, offline profile'}); stages: {stages}",
-        f"no-op: ran {RAN.findall(noop_log) or 'nothing'}",
+        f"commit {record['commit']}, {record['cpu']}",
+        f"from empty: {full['seconds']:.1f} s in all ({data}); stages: {_stages_line(full)}",
+        f"no-op: ran {record['noop']['ran'] or 'nothing'}",
         *(
             f"time to target{f' (member {k})' if len(reached) > 1 else ''}: validation MAP@R "
             f"first within 0.01 of its best (>= {r['target']:.4f}) at epoch {r['target_epoch']} of "
             f"{r['epochs']}, {r['target_s']:.0f} s into the train stage (it started "
-            f"{r['setup_s']:.0f} s in: loading, filling the cache, earlier members); the kept "
-            f"epoch {r['kept_epoch']} ended at {r['kept_s']:.0f} s"
+            f"{r['setup_s']:.0f} s in: loading, earlier members); the kept epoch "
+            f"{r['kept_epoch']} ended at {r['kept_s']:.0f} s"
             for k, r in enumerate(reached, start=1)
         ),
-        _metrics_line("test metrics from empty", first),
+        _metrics_line("test metrics from empty", record["metrics"]),
         _metrics_line("frozen baseline", baseline),
     ]
-    if edit:
+    for name, rerun in record["edits"].items():
         notes += [
-            f"after the train.lr edit: ran {', '.join(RAN.findall(edit[1]))}",
-            _metrics_line(f"test metrics after the edit (train.lr {lr} -> {lr / 2})", edit[2]),
+            f"after the {name} edit ({rerun['edit']}): dvc status named "
+            f"{', '.join(rerun['status_named'])}; ran {', '.join(rerun['ran'])}: "
+            f"{_stages_line(rerun)}",
+            _metrics_line(f"test metrics after the {name} edit", rerun["metrics"]),
         ]
+    if before:
+        notes.append(
+            f"the same CPU at {before['commit']} ({before['date']}): from empty "
+            f"{before['from_empty']['seconds']:.1f} s ({_stages_line(before['from_empty'])}); "
+            + "; ".join(f"{name} rerun {r['seconds']:.1f} s" for name, r in before["edits"].items())
+        )
+    else:
+        notes.append("no earlier commit's figures from this CPU in " + HISTORY.name)
     notes.append(f"clone kept at {work}" if args.keep else "temporary clone removed")
-    print_table("dvc repro wall time (project: the run; baseline: the run from empty)", rows, notes)
-    return 0
+    return notes
 
 
 if __name__ == "__main__":
