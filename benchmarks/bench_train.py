@@ -1,17 +1,24 @@
-"""Training throughput per optimisation step: the pipeline's paths against plain fine-tuning.
+"""Training throughput per optimisation step: the pipeline's paths, and the step settings.
 
-For each way `train.freeze` can be set, the project's path (the frozen stages' output cached
-once, then only the rest runs forward and backward; bf16 autocast where the CPU is fast at it)
-is timed beside the plain path (every step runs the whole network on the images), in fp32 and
-in bf16, on one P x K batch of real food10 photos with efficientnet_lite2's ImageNet weights.
-The one-off cost of filling the cache is reported separately: it is one inference pass.
+Table 1: for each way `train.freeze` can be set, the project's path (the frozen stages' output
+cached once, then only the rest runs forward and backward) is timed beside the plain path (every
+step runs the whole network on the images), on one P x K batch of real food10 photos with
+efficientnet_lite2's ImageNet weights. The one-off cost of filling the cache is reported
+separately: it is one inference pass.
 
-Run: python benchmarks/bench_train.py [--quick] [--batch 60]
+Table 2: the offline profile's step (the last three stages on cached features, Proxy-Anchor
+loss, AdamW) in the settings `train` could run it in, each against today's (fp32, eager,
+channels_last, every core): bf16 autocast (emulated, and so not a candidate, on CPUs without
+AVX512-BF16 or AMX), contiguous tensors, `torch.compile` with its compile time spread over one
+food10 epoch of steps (`train.compile`), and one thread.
+
+Run: python benchmarks/bench_train.py [--quick] [--batch 60] [--epoch-steps 56]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -56,6 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 timed steps instead of 4")
     parser.add_argument("--batch", type=int, default=60, help="P x K batch size (default 60)")
+    parser.add_argument(
+        "--epoch-steps", type=int, default=56, help="steps an epoch, to spread compile time over"
+    )
     args = parser.parse_args()
     steps = 2 if args.quick else 4
     prep = Preprocessing(244, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -105,8 +115,71 @@ def main() -> None:
         notes.append(
             f"{name}: filling the cache runs at {args.batch / fill:.1f} img/s, once per run"
         )
-    notes.append(f"bf16 autocast available: {bf16} (train.precision: auto uses it)")
+    notes.append(f"bf16 units on this CPU: {bf16} (train.precision: auto times bf16 only then)")
     print_table(f"Training step throughput, efficientnet_lite2, batch {args.batch}", rows, notes)
+    print()
+    step_settings(state, images, labels, steps, args.epoch_steps, bf16)
+
+
+def profile_step(rest, inputs, labels, bf16: bool, steps: int) -> tuple[float, float]:
+    """(first step's seconds, median of the next `steps`) of the profile's step on `rest`."""
+    loss_fn = build_loss("proxy_anchor", 0.1, int(labels.max()) + 1, 1280, 32.0)
+    params = [p for p in rest.parameters() if p.requires_grad] + list(loss_fn.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            emb = rest(inputs)
+        loss = loss_fn(emb.float(), labels, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return times[0], sorted(times[2:])[steps // 2]
+
+
+def step_settings(state, images, labels, steps: int, epoch_steps: int, bf16: bool) -> None:
+    """Table 2: the profile's cached step in each setting against fp32 eager channels_last."""
+    model = model_for(-3, state)
+    model.head = torch.nn.Identity()  # the profile's head: the pooled 1280-d features
+    prefix, rest = model.split_frozen()
+    with torch.no_grad():
+        features = prefix.eval()(images).clone()
+    last = features.contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    _, today = profile_step(copy.deepcopy(rest), last, labels, False, steps)
+    rows, notes = (
+        [],
+        [f"today: fp32, eager, channels_last, {threads} threads: {today:.3f} s a step"],
+    )
+
+    def row(name: str, seconds: float) -> None:
+        rows.append(Row(name, labels.numel() / seconds, labels.numel() / today, "img/s"))
+
+    _, emulated = profile_step(copy.deepcopy(rest), last, labels, True, 1 if not bf16 else steps)
+    row("bf16 autocast" + ("" if bf16 else " (emulated: no bf16 units)"), emulated)
+    contiguous = copy.deepcopy(rest).to(memory_format=torch.contiguous_format)
+    row(
+        "contiguous tensors",
+        profile_step(contiguous, features.contiguous(), labels, False, steps)[1],
+    )
+    compiled = torch.compile(copy.deepcopy(rest))
+    first, step = profile_step(compiled, last, labels, False, steps)
+    spread = (first + (epoch_steps - 1) * step) / epoch_steps
+    row(f"torch.compile, compile time spread over {epoch_steps} steps", spread)
+    row("torch.compile, steps after compiling", step)
+    notes.append(f"torch.compile: the first step (compiling) took {first:.1f} s")
+    torch.set_num_threads(1)
+    try:
+        row("1 thread", profile_step(copy.deepcopy(rest), last, labels, False, steps)[1])
+    finally:
+        torch.set_num_threads(threads)
+    print_table(
+        f"The profile's training step (last 3 stages on cached features), batch {labels.numel()}",
+        rows,
+        notes,
+    )
 
 
 if __name__ == "__main__":

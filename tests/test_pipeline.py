@@ -132,7 +132,7 @@ def test_a_code_edit_reruns_the_stages_that_run_that_code(project):
     finally:
         module.write_text(code)
     changed = {s for s in STAGES if f"{s}:" in status}
-    assert changed == {"download", "train", "baseline", "export_gallery", "evaluate"}, status
+    assert changed == {"download", "features", "train", "baseline", "export_gallery", "evaluate"}, status
 
 
 def test_an_ivf_index_is_built_once_by_its_stage_and_loaded_by_search(project):
@@ -180,7 +180,8 @@ def test_inference_sizes_reach_the_gallery_and_a_search_query(project):
 
     run(project, "siamese-params", "apply", "--set", "model.inference_sizes=[64, 96]")
     out = run(project, "dvc", "repro").stdout
-    assert ran(out) == {"train", "export_gallery", "index_gallery", "evaluate"}, out
+    # features: validation is cached at every inference size (nothing here: no frozen stage)
+    assert ran(out) == {"features", "train", "export_gallery", "index_gallery", "evaluate"}, out
     config = json.loads((project / "models/config.json").read_text())
     assert config["preprocessing"]["input_sizes"] == [64, 96]
     meta = json.loads((project / "data/gallery/meta.json").read_text())
@@ -219,7 +220,7 @@ def test_an_ensemble_trains_each_member_and_embeds_with_their_mean(project):
     run(project, "siamese-params", "apply", *[a for s in settings for a in ("--set", s)])
     out = run(project, "dvc", "repro").stdout
     assert ran(out) == {
-        "sample_triplets", "train", "export_gallery", "index_gallery", "evaluate"
+        "sample_triplets", "features", "train", "export_gallery", "index_gallery", "evaluate"
     }, out  # fmt: skip
     params = load_params(project / "params.yaml")
     epochs = pq.read_table(project / "data/triplets/train.parquet").column("epoch").to_numpy()

@@ -45,7 +45,7 @@ def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("progress")
     photos = copy_photos(root / "photos", train=6, test=3, classes=3)
     project = make_project(root / "project", photos)
-    for stage in ("download", "preprocess", "sample_triplets"):
+    for stage in ("download", "preprocess", "sample_triplets", "features"):
         run(project, "python", f"stages/{stage}.py")
     return project
 

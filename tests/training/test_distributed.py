@@ -205,9 +205,10 @@ def test_two_devices_through_the_stage_write_a_loadable_checkpoint(tmp_path):
     root = make_project(
         tmp_path / "project",
         photos,
-        {"train.devices": "2", "train.epochs": "1", "train.precision": "fp32"},
+        # a frozen stage: both ranks memory-map the features stage's outputs
+        {"train.devices": "2", "train.epochs": "1", "train.precision": "fp32", "train.freeze": "1"},
     )
-    for stage in ("download", "preprocess", "sample_triplets"):
+    for stage in ("download", "preprocess", "sample_triplets", "features"):
         run(root, "python", f"stages/{stage}.py")
     out = run(root, "python", "stages/train.py")
     assert "train: best epoch 1/1" in out.stdout, out.stdout

@@ -187,7 +187,16 @@ class TrainParams(_Section):
         description="> 0: validate and keep an exponential moving average of the weights, this "
         "decay per step (lowered where it would span more than two epochs)",
     )
-    precision: Precision = "auto"
+    precision: Precision = Field(
+        "auto",
+        description="auto: on a CPU with bf16 units, bf16 steps if timed clearly faster than "
+        "fp32, else fp32; on a GPU bf16 (fp16 without bf16)",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the trained part (compiled during the first steps; slower "
+        "than eager on a 2-core CPU, benchmarks/bench_train.py)",
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     workers: int = Field(2, ge=0)
     seed: int = Field(42, ge=0)

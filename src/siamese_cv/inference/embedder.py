@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -74,6 +75,7 @@ class Embedder:
         normalize: L2-normalise the outputs (True for every search/metric use).
         engine: `torch`, or `onnxruntime` (the model exported to ONNX, run by ONNX Runtime
             with as many threads as torch would use).
+        ort: the onnxruntime session's settings (default: `OrtSettings()`).
 
     Raises:
         UserError: the onnxruntime engine without the onnxruntime or onnxscript package.
@@ -87,6 +89,7 @@ class Embedder:
         batch_size: int = 64,
         normalize: bool = True,
         engine: str = "torch",
+        ort: OrtSettings | None = None,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
@@ -99,7 +102,7 @@ class Embedder:
         if engine == "onnxruntime":
             self.precision = Precision(torch.device("cpu"), None, channels_last=False)
             self.model = model.eval().to("cpu")
-            self._session = _ort_session(self.model, prep, torch.get_num_threads())
+            self._session = _ort_session(self.model, prep, ort or OrtSettings())
             return
         self.precision = precision
         memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
@@ -225,14 +228,36 @@ def import_onnxruntime() -> ModuleType:
     return onnxruntime
 
 
-def _ort_session(model: nn.Module, prep: Preprocessing, threads: int):
+@dataclass(frozen=True)
+class OrtSettings:
+    """How the onnxruntime engine's session runs; the defaults are what measured fastest here.
+
+    benchmarks/bench_onnx_settings.py times the alternatives on the profile's ensemble.
+    threads: intra-op threads (None: as many as torch uses); spinning: idle workers spin
+    instead of sleeping; optimization: ONNX Runtime's graph optimisation level.
+    """
+
+    threads: int | None = None
+    spinning: bool = False  # sleeping leaves the cores to the decoding thread
+    optimization: str = "all"  # all | extended | basic | disabled
+
+
+def _ort_session(model: nn.Module, prep: Preprocessing, settings: OrtSettings):
     """`model` exported to ONNX (or its cached export) in an fp32 CPU inference session."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = settings.threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
-    # idle worker threads sleep instead of spinning: the decoding thread needs the cores
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if settings.spinning else "0"
+    )
+    level = ort.GraphOptimizationLevel
+    options.graph_optimization_level = {
+        "all": level.ORT_ENABLE_ALL,
+        "extended": level.ORT_ENABLE_EXTENDED,
+        "basic": level.ORT_ENABLE_BASIC,
+        "disabled": level.ORT_DISABLE_ALL,
+    }[settings.optimization]
     with exported(model, prep.image_size) as path:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

@@ -175,6 +175,11 @@ def _prepare(
         )
     cached = cache is not None and parts is not None
     net = distributed.wrap(parts[1] if cached else model, world, device)
+    if params.compile:
+        log.info(
+            "%s: torch.compile of the trained part: it compiles in the first steps", settings.name
+        )
+        net = torch.compile(net)
 
     steps_per_epoch = len(data.schedule.epochs[0])
     optimizer = build_optimizer(model, params, base_loss)

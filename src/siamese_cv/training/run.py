@@ -7,6 +7,7 @@ writes the checkpoint, from the unwrapped model, so it is the same files as a on
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 from dataclasses import replace
 from typing import Any
@@ -19,14 +20,17 @@ from siamese_cv.config.params import Params, member_sizes, parse_freeze
 from siamese_cv.core import paths
 from siamese_cv.core.errors import UserError
 from siamese_cv.data.triplet_tables import read_schedule, read_triplets
+from siamese_cv.inference.embedder import decode_batch
 from siamese_cv.inference.hardware import resolve_device, resolve_precision, seed_everything
 from siamese_cv.models.ensemble import Ensemble, mean_of_normalised
 from siamese_cv.models.pretrained import load_pretrained, preprocessing_of
-from siamese_cv.models.siamese import EmbeddingNet, save_checkpoint
+from siamese_cv.models.siamese import EmbeddingNet, Preprocessing, save_checkpoint
 from siamese_cv.training.distributed import SINGLE, World
+from siamese_cv.training.feature_cache import PrefixCache
 from siamese_cv.training.feature_store import read_features
 from siamese_cv.training.loop import fit
 from siamese_cv.training.settings import FitData, FitSettings, Schedule, SplitImages
+from siamese_cv.training.step_precision import choose_precision
 from siamese_cv.training.validation import validation_scores
 
 
@@ -84,7 +88,7 @@ def train_and_save(
         SplitImages.from_parquet(paths.PROCESSED / f"{split}.parquet")
         for split in ("train", "validation")
     )
-    precision = resolve_precision(tp.precision, device or resolve_device(tp.device))
+    device = device or resolve_device(tp.device)
 
     from dvclive import Live
 
@@ -121,8 +125,13 @@ def train_and_save(
                     train_images,
                     val_images,
                     needed if len(val_images.labels) else [],
-                    precision.device,
+                    device,
                 )
+            if k == 0:
+                probe = functools.partial(
+                    _first_step, model, cache, steps[0][0], train_images, prep
+                )
+                precision = choose_precision(tp.precision, device, probe, "train")
             filling = (
                 {}
                 if stored_features
@@ -206,6 +215,22 @@ def train_and_save(
     if world.main:
         save_checkpoint(model, config, paths.MODEL)
     return config
+
+
+def _first_step(
+    model: EmbeddingNet,
+    cache: PrefixCache | None,
+    rows: np.ndarray,
+    train: SplitImages,
+    prep: Preprocessing,
+) -> tuple[torch.nn.Module, torch.Tensor]:
+    """What the first step runs forward and its input: the trainable rest on cached features,
+    or the whole network on the images."""
+    unique = np.unique(np.asarray(rows))
+    parts = model.split_frozen()
+    if cache is not None and parts is not None:
+        return parts[1], cache.train[0, torch.from_numpy(unique)].float()
+    return model, decode_batch([train.encoded[r] for r in unique], prep)
 
 
 def _pretrained_model(params: Params) -> tuple[EmbeddingNet, dict[str, Any], list[str]]:

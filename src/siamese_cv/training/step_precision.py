@@ -1,0 +1,75 @@
+"""The precision of the training steps, chosen by timing them on this machine.
+
+`train.precision: auto` on a CPU with bf16 units (AVX512-BF16 or AMX) times a few steps of the
+trained part in fp32 and under bf16 autocast, on the run's own first batch, and keeps bf16 only
+when it is clearly faster: bf16 backward through depthwise convolutions has measured slower than
+fp32 even there (benchmarks/bench_train.py). Without those units bf16 is emulated, many times
+slower, and is not a candidate. On a GPU `auto` is bf16 (fp16 where it has no bf16), unmeasured.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from siamese_cv.inference.hardware import Precision, cpu_has_fast_bf16, resolve_precision
+
+log = logging.getLogger(__name__)
+
+MIN_GAIN = 1.15  # below this, fp32's exact sums are worth more than the time
+TIMED_STEPS = 3
+
+
+def choose_precision(
+    requested: str,
+    device: torch.device,
+    probe: Callable[[], tuple[torch.nn.Module, torch.Tensor]],
+    name: str,
+) -> Precision:
+    """`requested` resolved for this run's training steps; logs what `auto` chose and why.
+
+    Args:
+        requested: `train.precision`.
+        probe: returns what a step runs forward and backward (the trainable rest on cached
+            features, or the whole network) and one step's input; called only when timing.
+            A copy is timed, so its weights and statistics are untouched.
+    """
+    if requested != "auto" or device.type != "cpu":
+        return resolve_precision(requested, device)
+    fp32 = resolve_precision("fp32", device)
+    if not cpu_has_fast_bf16():
+        log.info("%s: precision auto: fp32 (this CPU has no bf16 units: AVX512-BF16 or AMX)", name)
+        return fp32
+    bf16 = resolve_precision("bf16", device)
+    net, batch = probe()
+    fp32_s, bf16_s = (step_seconds(net, batch, p) for p in (fp32, bf16))
+    chosen = bf16 if fp32_s / bf16_s >= MIN_GAIN else fp32
+    log.info(
+        "%s: precision auto: %s (a step took %.3f s in fp32, %.3f s in bf16; bf16 needs %.2fx)",
+        name,
+        chosen.name,
+        fp32_s,
+        bf16_s,
+        MIN_GAIN,
+    )
+    return chosen
+
+
+def step_seconds(net: torch.nn.Module, batch: torch.Tensor, precision: Precision) -> float:
+    """Median seconds of a forward and backward pass of a copy of `net` (after one warm-up)."""
+    probe = copy.deepcopy(net).train()
+    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+    if batch.dim() == 4:
+        batch = batch.contiguous(memory_format=memory_format)
+    times = []
+    for _ in range(TIMED_STEPS + 1):
+        started = time.perf_counter()
+        with precision.autocast():
+            out = probe(batch)
+        out.float().square().mean().backward()
+        times.append(time.perf_counter() - started)
+    return sorted(times[1:])[TIMED_STEPS // 2]
