@@ -98,7 +98,7 @@ def main() -> None:
     again_session, again_s, _ = run(today, TODAY_BATCH, True)
     base_s, base_session = min(base_s, again_s), min(base_session, again_session)
     rows, notes = [], []
-    for (name, settings, batch, overlap), (session_s, seconds, vectors) in results:
+    for (name, *_), (session_s, seconds, vectors) in results:
         cosine = float(np.min(np.sum(vectors * base_vectors, axis=1)))
         rows.append(Row(f"{name} (least cosine {cosine:.6f})", n / seconds, n / base_s, "img/s"))
         notes.append(f"{name}: session {session_s:.1f} s (today's {base_session:.1f} s)")
