@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 CARD = "card.json"
 TRAIN_FILE = "train.npy"
-SPLITS = ("train", "validation")
 
 
 def compute_features(params: Params) -> tuple[PrefixCache | None, dict[str, Any]]:
@@ -64,7 +63,7 @@ def compute_features(params: Params) -> tuple[PrefixCache | None, dict[str, Any]
     device = resolve_device(tp.device)
     precision = resolve_precision(params.evaluate.precision, device)
     model.to(device, memory_format=torch.channels_last)
-    train, val = (SplitImages.from_parquet(paths.PROCESSED / f"{s}.parquet") for s in SPLITS)
+    train, val = SplitImages.training_splits(paths.PROCESSED)
     prep = replace(preprocessing_of(params.preprocess, card), input_sizes=())
     sizes = every_inference_size(params) if len(val.labels) else []
     started = time.perf_counter()

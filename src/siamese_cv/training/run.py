@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from siamese_cv import __version__
-from siamese_cv.config.params import Params, member_sizes, parse_freeze
+from siamese_cv.config.params import Params, every_inference_size, member_sizes, parse_freeze
 from siamese_cv.core import paths
 from siamese_cv.core.errors import UserError
 from siamese_cv.data.triplet_tables import read_schedule, read_triplets
@@ -84,10 +84,7 @@ def train_and_save(
             f"= {tp.sampled_epochs}; rerun `dvc repro sample_triplets`"
         )
     val_triplets, _ = read_triplets(paths.TRIPLETS / "validation.parquet")
-    train_images, val_images = (
-        SplitImages.from_parquet(paths.PROCESSED / f"{split}.parquet")
-        for split in ("train", "validation")
-    )
+    train_images, val_images = SplitImages.training_splits(paths.PROCESSED)
     device = device or resolve_device(tp.device)
 
     from dvclive import Live
@@ -113,9 +110,7 @@ def train_and_save(
             seed_everything(member_params.seed)
             model, card, frozen = _pretrained_model(params)
             prep = replace(preprocessing_of(params.preprocess, card), input_sizes=own_sizes)
-            cache_sizes = tuple(s for own in sizes for s in own)
             if k == 0 and stored_features:
-                needed = list(dict.fromkeys([*prep.sizes, *cache_sizes]))
                 views = tp.augment_views if tp.augment else 0
                 cache = read_features(
                     paths.FEATURES,
@@ -124,7 +119,7 @@ def train_and_save(
                     tp.seed,
                     train_images,
                     val_images,
-                    needed if len(val_images.labels) else [],
+                    every_inference_size(params) if len(val_images.labels) else [],
                     device,
                 )
             if k == 0:
@@ -148,7 +143,7 @@ def train_and_save(
                 batch_size_eval=params.evaluate.batch_size,
                 world=world,
                 embed_from=params.model.embed_from,
-                cache_sizes=cache_sizes,
+                cache_sizes=tuple(every_inference_size(params)),
                 fill_cache=not stored_features,
                 name=f"train: member {k + 1} of {len(sizes)}" if len(sizes) > 1 else "train",
                 **filling,

@@ -28,6 +28,12 @@ class SplitImages:
             table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64)
         )
 
+    @classmethod
+    def training_splits(cls, processed: Path) -> tuple[SplitImages, SplitImages]:
+        """The train and validation splits of `processed` (data/processed), as `fit` takes them."""
+        train, val = (cls.from_parquet(processed / f"{s}.parquet") for s in ("train", "validation"))
+        return train, val
+
 
 @dataclass
 class Schedule:
