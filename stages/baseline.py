@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from siamese_cv.config.stage import run_stage, stage_params
 from siamese_cv.core import paths
 from siamese_cv.evaluation import scoring
+from siamese_cv.evaluation.copy_detection import copy_detection_metrics, copy_queries, embed_copies
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
 from siamese_cv.models.pretrained import load_pretrained, preprocessing_of
@@ -44,7 +45,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     scores = scoring.score_embeddings(
         test_emb, test, gallery_emb, gallery_labels, params.evaluate.recall_at
     )
-    figures = scoring.write_scores(scores, paths.METRICS / "baseline.json")
+    # the backbone it started from, alone: its one embedding answers the copy question too
+    copies = copy_queries(
+        scoring.split_images(list(params.export.splits)), params.copies.queries, params.copies.seed
+    )
+    found = None
+    if copies:
+        found = copy_detection_metrics(
+            embed_copies(embedder, copies, "baseline: copies"),
+            [c.source for c in copies],
+            [c.edit for c in copies],
+            test_emb,
+            gallery_emb,
+        )
+    figures = scoring.write_scores(scores, paths.METRICS / "baseline.json", found)
     log.info(
         f"baseline, {card['backbone']} ({card['weights']}) frozen, pooled "
         f"{backbone.feature_dim}-d: "

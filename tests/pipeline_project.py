@@ -30,6 +30,7 @@ STAGES = [
     "train",
     "baseline",
     "export_gallery",
+    "copy_gallery",
     "index_gallery",
     "evaluate",
 ]
@@ -38,7 +39,7 @@ TINY_OVERRIDES = {
     "data.val_fraction": "0.34", "model.backbone": "tiny", "model.weights": "tiny.safetensors",
     "preprocess.image_size": "64", "train.epochs": "2", "train.batch_size": "4",
     "train.workers": "0", "triplets.test_draws": "3", "evaluate.batch_size": "8",
-    "export.batch_size": "8",
+    "export.batch_size": "8", "copies.queries": "4",
 }  # fmt: skip
 
 

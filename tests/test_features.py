@@ -135,5 +135,8 @@ def test_nothing_frozen_writes_only_a_marker(tmp_path):
     photos = copy_photos(tmp_path / "photos", train=4, test=2, classes=2)
     root = make_project(tmp_path / "project", photos)  # params.yaml's train.freeze: none
     result = run(root, "dvc", "repro", "features")
-    assert "features: nothing to cache (train.freeze: none: nothing is frozen)" in result.stdout + result.stderr
+    assert (
+        "features: nothing to cache (train.freeze: none: nothing is frozen)"
+        in result.stdout + result.stderr
+    )
     assert [p.name for p in (root / "data/features").iterdir()] == ["card.json"]

@@ -130,7 +130,8 @@ def test_dvc_metrics_show_fits_160_columns_with_a_row_each(tmp_path):
         shown = unwrapped(root, "dvc", *command)
         assert max(map(len, shown.splitlines())) <= 160, shown
     lines = unwrapped(root, "dvc", "metrics", "show").splitlines()
-    assert set(lines[0].split()) == {"Path", *HEADLINE}, lines[0]
+    pipeline_keys = HEADLINE - {"recall@5"} | {"copy_r@1", "copy_uap"}  # params.yaml: [1, 10]
+    assert set(lines[0].split()) == {"Path", *pipeline_keys}, lines[0]
     assert sorted(line.split()[0] for line in lines[1:]) == [
         "metrics/baseline.json",
         "metrics/test.json",
@@ -146,6 +147,11 @@ def test_dvc_metrics_show_fits_160_columns_with_a_row_each(tmp_path):
         values = plot[0]["content"]["data"]["values"]
         assert sorted({v["filename"] for v in values}) == ["baseline.tsv", "test.tsv"]
         assert len(values) == 2 * 3 and plot[0]["content"]["mark"]["type"] == "bar"
+    (plot,) = [p for title, p in plots.items() if title.startswith("Copy recall@1 per edit")]
+    values = plot[0]["content"]["data"]["values"]
+    edits = {v["edit"] for v in values}
+    assert len(edits) >= 10 and len(values) == 2 * len(edits)  # every edit, model and baseline
+    assert all(0.0 <= float(v["recall_at_1"]) <= 1.0 for v in values)
 
 
 def unwrapped(root, *args: str) -> str:

@@ -296,7 +296,7 @@ class _EmbedSection(_Section):
 
 class EvaluateParams(_EmbedSection):
     batch_size: int = Field(64, ge=1)
-    recall_at: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5, 10])
+    recall_at: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 10])
     top_k: int = Field(
         20, ge=1, description="neighbours per query in the retrieval figure (10 at most)"
     )
@@ -347,6 +347,28 @@ class SearchParams(_Section):
         return self
 
 
+class CopiesParams(_Section):
+    """Near-duplicate search: the copy descriptor's flag rule and the copy-detection metrics."""
+
+    queries: int = Field(
+        100,
+        ge=0,
+        description="gallery photos copied with every edit for the copy metrics (0: none)",
+    )
+    seed: int = Field(42, ge=0, description="which photos are copied, and each edit's strength")
+    margin: Literal["auto"] | Annotated[float, Field(ge=0.0, le=2.0)] = Field(
+        "auto",
+        description="a hit is a copy when its copy score beats the mean of the query's next 10 "
+        "photos by this much; auto: chosen on the validation split",
+    )
+    false_flags: float = Field(
+        0.01,
+        gt=0.0,
+        lt=1.0,
+        description="margin auto: the share of validation photos with no copy that may be flagged",
+    )
+
+
 class Params(_Section):
     """All of params.yaml. `Params.model_validate(raw, context={"check": False})` skips the
     checks that span sections (what `load_params(check=False)` does)."""
@@ -359,6 +381,7 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     export: ExportParams = Field(default_factory=ExportParams)
     search: SearchParams = Field(default_factory=SearchParams)
+    copies: CopiesParams = Field(default_factory=CopiesParams)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from siamese_cv.data.images import load_rgb
-from siamese_cv.evaluation.copy_edits import choose_sources, make_copies
+from siamese_cv.evaluation.copy_edits import Copy, choose_sources, make_copies
 from siamese_cv.evaluation.metrics import similarity_slabs
 from siamese_cv.inference.embedder import to_tensor
+from siamese_cv.retrieval.copies import BACKGROUND, CopyRule
 
 
 def micro_average_precision(scores: np.ndarray, correct: np.ndarray, positives: int) -> float:
@@ -45,6 +46,8 @@ def copy_detection_metrics(
     distractors: np.ndarray,
     gallery: np.ndarray,
     k: int = 10,
+    rule: CopyRule | None = None,
+    similar_first: np.ndarray | None = None,
 ) -> dict:
     """Score copies of gallery photos, and distractors, searching `gallery` (all unit rows).
 
@@ -55,12 +58,16 @@ def copy_detection_metrics(
         distractors: [Q, D] embeddings of photos with no copy in the gallery.
         gallery: [G, D] the gallery's embeddings (G >= 2).
         k: predictions per query that µAP pools.
+        rule: score the search as it answers: a copy the rule flags shows its top copy first,
+            any other shows `similar_first`'s photo first (the class embedding's best).
+        similar_first: [C] with `rule`, the gallery row the class search ranks first per copy.
 
     Returns:
-        `recall@1` and `uap` over everything, and `per_edit`: for each edit, its copies'
-        `recall@1`, `uap` (its copies with all the distractors), the median `margin` (the
-        original's cosine minus the best other photo's), and the medians `copy_score` and
-        `other_score`.
+        `recall@1` (the first photo shown is the original), `uap` and `margin` over everything,
+        with a rule `flagged` (copies flagged) and `false_flags` (distractors flagged), and
+        `per_edit`: for each edit, its copies' `recall@1`, `uap` (its copies with all the
+        distractors), the median `margin` (the original's cosine minus the best other
+        photo's), the medians `copy_score` and `other_score`, and with a rule `flagged`.
     """
     sources = np.asarray(sources, np.int64)
     edits = np.asarray(edits)
@@ -71,48 +78,91 @@ def copy_detection_metrics(
         raise ValueError("copies, sources and edits must have one entry per copy")
     if len(gallery) < 2:
         raise ValueError("copy detection needs a gallery of at least 2 photos")
+    if rule is not None and (similar_first is None or len(similar_first) != len(copies)):
+        raise ValueError("a rule needs the class search's first photo for every copy")
     depth = min(k, len(gallery))
-    own, other, first = (np.empty(len(copies)) for _ in range(3))
+    wide = min(max(depth, 1 + BACKGROUND), len(gallery))
+    own, other, best, copy_lift = (np.empty(len(copies)) for _ in range(4))
+    best_row = np.empty(len(copies), np.int64)
     copy_scores, copy_right = np.empty((len(copies), depth)), np.empty((len(copies), depth), bool)
     for start, sims in similarity_slabs(copies, gallery):
         rows = torch.arange(len(sims))
         src = torch.from_numpy(sources[start : start + len(sims)])
-        own_score = sims[rows, src].clone()
-        top, index = sims.topk(depth, dim=1)
-        sims[rows, src] = float("-inf")
         stop = start + len(sims)
-        own[start:stop], other[start:stop] = own_score.numpy(), sims.max(dim=1).values.numpy()
-        first[start:stop] = own[start:stop] > other[start:stop]
-        copy_scores[start:stop], copy_right[start:stop] = (
-            top.numpy(),
-            (index == src[:, None]).numpy(),
-        )
-    distractor_scores = np.concatenate(
+        top, index = sims.topk(wide, dim=1)
+        best_row[start:stop] = index[:, 0].numpy()
+        copy_lift[start:stop] = best_lifts(top.numpy())
+        own[start:stop] = sims[rows, src].numpy()
+        sims[rows, src] = float("-inf")
+        other[start:stop] = sims.max(dim=1).values.numpy()
+        copy_scores[start:stop] = top[:, :depth].numpy()
+        copy_right[start:stop] = (index[:, :depth] == src[:, None]).numpy()
+    distractor_top = np.concatenate(
         [
-            sims.topk(depth, dim=1).values.numpy()
+            sims.topk(wide, dim=1).values.numpy()
             for _, sims in similarity_slabs(distractors, gallery)
         ]
-        or [np.empty((0, depth))]
+        or [np.empty((0, wide))]
     )
+    distractor_scores = distractor_top[:, :depth]
+    if rule is None:
+        flags = np.zeros(len(copies), bool)
+        first = own > other
+    else:
+        flags = copy_lift >= rule.margin
+        first = np.where(flags, best_row, np.asarray(similar_first)) == sources
 
     def summary(mask: np.ndarray) -> dict:
         scores = np.concatenate([copy_scores[mask].ravel(), distractor_scores.ravel()])
         right = np.concatenate([copy_right[mask].ravel(), np.zeros(distractor_scores.size, bool)])
-        return {
+        out = {
             "recall@1": float(first[mask].mean()),
             "uap": micro_average_precision(scores, right, int(mask.sum())),
             "margin": float(np.median(own[mask] - other[mask])),
             "copy_score": float(np.median(own[mask])),
             "other_score": float(np.median(other[mask])),
         }
+        return out if rule is None else {**out, "flagged": float(flags[mask].mean())}
 
     overall = summary(np.ones(len(copies), bool))
-    return {
-        "recall@1": overall["recall@1"],
-        "uap": overall["uap"],
-        "margin": overall["margin"],
-        "per_edit": {name: summary(edits == name) for name in dict.fromkeys(edits.tolist())},
-    }
+    result = {key: overall[key] for key in ("recall@1", "uap", "margin")}
+    if rule is not None:
+        lifts = best_lifts(distractor_top)
+        result["flagged"] = overall["flagged"]
+        result["false_flags"] = float((lifts >= rule.margin).mean()) if len(lifts) else 0.0
+    result["per_edit"] = {name: summary(edits == name) for name in dict.fromkeys(edits.tolist())}
+    return result
+
+
+def best_lifts(top: np.ndarray) -> np.ndarray:
+    """How far each row's best score beats the mean of the next BACKGROUND (`top`: each query's
+    highest scores, best first)."""
+    if top.shape[1] < 2:
+        return np.zeros(len(top))
+    return top[:, 0] - top[:, 1 : 1 + BACKGROUND].mean(axis=1)
+
+
+def copy_queries(gallery_images: Sequence[bytes], count: int, seed: int) -> list[Copy]:
+    """Every edit of `count` seeded gallery photos (none when `count` is 0)."""
+    if count == 0:
+        return []
+    return make_copies(gallery_images, choose_sources(count, len(gallery_images), seed), seed)
+
+
+def embed_copies(
+    embedder: Any, copies: Sequence[Copy], label: str = "embedding copies"
+) -> np.ndarray:
+    """Embed the copies as search embeds a query: decoded and resized by `load_rgb` with the
+    embedder's own size and resize."""
+    prep = embedder.prep
+
+    def batch(chunk: list[bytes]) -> torch.Tensor:
+        return to_tensor([load_rgb(data, prep.image_size, prep.resize) for data in chunk], prep)
+
+    encoded = [c.encoded for c in copies]
+    size = embedder.batch_size
+    makers = (functools.partial(batch, encoded[i : i + size]) for i in range(0, len(encoded), size))
+    return embedder.embed_batches(makers, total=len(encoded), progress=label)
 
 
 def score_copies(
@@ -131,19 +181,10 @@ def score_copies(
         gallery_images: the gallery's stored photos, in gallery order.
         gallery, distractors: the gallery's and the distractors' embeddings, by the same model.
     """
-    if count == 0:
+    copies = copy_queries(gallery_images, count, seed)
+    if not copies:
         return None
-    sources = choose_sources(count, len(gallery_images), seed)
-    copies = make_copies(gallery_images, sources, seed)
-    prep = embedder.prep
-
-    def batch(chunk: list[bytes]) -> torch.Tensor:
-        return to_tensor([load_rgb(data, prep.image_size, prep.resize) for data in chunk], prep)
-
-    encoded = [c.encoded for c in copies]
-    size = embedder.batch_size
-    makers = (functools.partial(batch, encoded[i : i + size]) for i in range(0, len(encoded), size))
-    vectors = embedder.embed_batches(makers, total=len(encoded), progress="embedding copies")
+    vectors = embed_copies(embedder, copies)
     return copy_detection_metrics(
         vectors, [c.source for c in copies], [c.edit for c in copies], distractors, gallery
     )

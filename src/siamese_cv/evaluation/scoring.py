@@ -39,6 +39,9 @@ HEADLINE = {
     "gallery_p@1": "gallery_precision_at_1",
 }
 PER_CLASS_COLUMNS = ("class", "precision_at_1", "map_at_r", "queries")
+#: Metrics-file key -> copy_detection_metrics key: copies of gallery photos found first, µAP.
+COPY_HEADLINE = {"copy_r@1": "recall@1", "copy_uap": "uap"}
+PER_EDIT_COLUMNS = ("edit", "recall_at_1", "uap", "margin", "copy_score", "other_score", "flagged")
 
 
 @dataclass
@@ -95,6 +98,17 @@ def embed_splits(
     return np.concatenate(vectors), np.concatenate(labels)
 
 
+def split_images(splits: list[str], processed: Path = paths.PROCESSED) -> list[bytes]:
+    """The stored photos of several processed splits, concatenated in order (as `embed_splits`)."""
+    return [
+        image
+        for split in splits
+        for image in read_table(processed / f"{split}.parquet", ["image"])
+        .column("image")
+        .to_pylist()
+    ]
+
+
 def headline(scores: dict[str, Any]) -> dict[str, float]:
     """The few figures a metrics file keeps, under short keys (see `HEADLINE`).
 
@@ -131,21 +145,37 @@ def per_class_rows(scores: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def write_scores(scores: dict[str, Any], metrics: Path) -> dict[str, float]:
+def write_scores(
+    scores: dict[str, Any], metrics: Path, copies: dict[str, Any] | None = None
+) -> dict[str, float]:
     """Write the headline figures to `metrics` (JSON) and the per-class table beside it, to
     per_class/<stem>.tsv (metrics/test.json -> metrics/per_class/test.tsv); returns the figures.
+
+    Args:
+        copies: `copy_detection_metrics`' result: its headline joins the figures, and its
+            per-edit figures go to copies/<stem>.tsv.
     """
     figures = headline(scores)
+    if copies is not None:
+        figures |= {name: float(copies[key]) for name, key in COPY_HEADLINE.items()}
+        edits = [
+            {"edit": edit, "recall_at_1": f["recall@1"], **f}
+            for edit, f in copies["per_edit"].items()
+        ]
+        _write_tsv(metrics.parent / "copies" / f"{metrics.stem}.tsv", PER_EDIT_COLUMNS, edits)
     write_json(metrics, figures)
-    with (
-        atomic_path(per_class_table(metrics)) as tmp,
-        tmp.open("w", encoding="utf-8", newline="") as f,
-    ):
-        writer = csv.DictWriter(f, PER_CLASS_COLUMNS, delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        for row in per_class_rows(scores):
-            writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
+    _write_tsv(per_class_table(metrics), PER_CLASS_COLUMNS, per_class_rows(scores))
     return figures
+
+
+def _write_tsv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(
+            f, columns, delimiter="\t", lineterminator="\n", extrasaction="ignore"
+        )
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
 
 
 def per_class_table(metrics: Path) -> Path:

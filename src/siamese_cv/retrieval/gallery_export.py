@@ -21,7 +21,7 @@ from siamese_cv.data.preprocessing import available_cores
 from siamese_cv.inference.embedder import Embedder, import_onnxruntime
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint
-from siamese_cv.retrieval.gallery import gallery_table, write_gallery
+from siamese_cv.retrieval.gallery import Gallery, gallery_table, write_gallery
 from siamese_cv.retrieval.gallery_shards import export_worker, run_export_shards
 
 log = logging.getLogger(__name__)
@@ -56,16 +56,7 @@ def _embedder(export: Any, threads: int | None = None) -> tuple[Embedder, dict[s
 def export_in_process(export: Any) -> tuple[int, int]:
     """Embed every split in this process and write the gallery; returns vector count and dim."""
     embedder, config = _embedder(export)
-    ids, splits, labels, names, vectors = [], [], [], [], []
-    for split in export.splits:
-        path = paths.PROCESSED / f"{split}.parquet"
-        table = read_table(path, ["id", "label", "label_name"])
-        vectors.append(embedder.embed_parquet(path, progress=f"export_gallery: {split}"))
-        ids += table.column("id").to_pylist()
-        splits += [split] * table.num_rows
-        labels.append(table.column("label").to_numpy())
-        names += table.column("label_name").to_pylist()
-    matrix = np.concatenate(vectors)
+    rows, matrix = embed_splits_in_order(embedder, export.splits, "export_gallery")
     count, dim = (int(n) for n in matrix.shape)
     meta = {
         **gallery_card(export, config),
@@ -73,9 +64,29 @@ def export_in_process(export: Any) -> tuple[int, int]:
         "dim": dim,
         "precision": embedder.precision.name,
     }
-    table = gallery_table(ids, splits, np.concatenate(labels), names, matrix)
+    table = gallery_table(rows.ids, rows.splits, rows.labels, rows.label_names, matrix)
     write_gallery(paths.GALLERY, table, meta)
     return count, dim
+
+
+def embed_splits_in_order(
+    embedder: Embedder, splits: list[str], stage: str
+) -> tuple[Gallery, np.ndarray]:
+    """A gallery's rows (ids, splits, labels; no vectors) in its order, and `embedder`'s vectors.
+
+    The order is the gallery's: the splits in turn, each in its parquet order.
+    """
+    ids, split_of, labels, names, vectors = [], [], [], [], []
+    for split in splits:
+        path = paths.PROCESSED / f"{split}.parquet"
+        table = read_table(path, ["id", "label", "label_name"])
+        vectors.append(embedder.embed_parquet(path, progress=f"{stage}: {split}"))
+        ids += table.column("id").to_pylist()
+        split_of += [split] * table.num_rows
+        labels.append(table.column("label").to_numpy())
+        names += table.column("label_name").to_pylist()
+    rows = Gallery(ids, split_of, np.concatenate(labels), names, np.empty((0, 0)), {})
+    return rows, np.concatenate(vectors)
 
 
 def export_as_worker(export: Any, key: str, threads: int) -> None:

@@ -1,0 +1,177 @@
+"""Near-duplicate search: is this photo, or an edited copy of it, already in the gallery?
+
+Training pulls every photo of a class into one clump, so the trained embedding cannot tell the
+query's own original from another photo of the same dish. A second descriptor answers that
+question: the frozen pretrained backbone (models/pretrained), GeM-pooled over its last feature
+map, which keeps the photo-level detail the class loss discards. The copy_gallery stage stores
+it for every gallery photo in data/copies/ (the layout of data/gallery) with the rule below.
+
+The rule (DISC21-style score normalisation): a gallery photo is a copy of the query when its
+copy score (cosine) beats the mean copy score of the query's next `BACKGROUND` photos by at
+least `margin`. An absolute cosine cannot decide it: a strongly edited copy scores below an
+unedited photo of the same dish, but it stands out from the query's other neighbours. The mean
+of several neighbours (not the second best alone) leaves a photo that is in the gallery twice
+flagged twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from siamese_cv.core.errors import UserError
+
+BACKGROUND = 10  # neighbours after the best whose mean score a copy must beat
+
+
+@dataclass(frozen=True)
+class CopyRule:
+    """Flag a hit when its copy score >= mean of the query's next BACKGROUND scores + margin."""
+
+    margin: float
+    descriptor: str  # what computes the copy scores, for people reading a result
+
+    def describe(self) -> str:
+        return (
+            f"copy score ({self.descriptor}) at least {self.margin:.3f} above the mean of the "
+            f"query's next {BACKGROUND} photos"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"margin": self.margin, "background": BACKGROUND, "descriptor": self.descriptor}
+
+
+def normalized_scores(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's copy scores [q, n] ranked best first, and how far each beats the background.
+
+    Returns:
+        (order [q, n] gallery rows best first, lift [q, n]: sorted score minus the mean of the
+        BACKGROUND scores after the best; with a one-photo gallery the lift is 0).
+    """
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(scores, order, axis=1)
+    background = ranked[:, 1 : 1 + BACKGROUND]
+    if background.shape[1] == 0:
+        return order, np.zeros_like(ranked)
+    return order, ranked - background.mean(axis=1, keepdims=True)
+
+
+def flagged(scores: np.ndarray, rule: CopyRule) -> list[list[tuple[int, float]]]:
+    """Per query, the gallery rows the rule calls copies and their copy scores, best first."""
+    order, lift = normalized_scores(scores)
+    out = []
+    for q in range(len(scores)):
+        hits = np.flatnonzero(lift[q] >= rule.margin)
+        out.append([(int(order[q, i]), float(scores[q, order[q, i]])) for i in hits])
+    return out
+
+
+def choose_margin(background_lift: np.ndarray, false_flags: float) -> float:
+    """The smallest margin that flags at most `false_flags` of queries with no copy.
+
+    Args:
+        background_lift: each no-copy query's best lift (`normalized_scores`' first column).
+    """
+    lifts = np.sort(np.asarray(background_lift, np.float64))[::-1]
+    if not len(lifts):
+        raise UserError(
+            "copies.margin: auto needs validation photos to choose it; set data.val_fraction "
+            "above 0 or give copies.margin a number (0.1 suits the frozen EfficientNet-Lite2)"
+        )
+    allowed = int(np.floor(false_flags * len(lifts)))  # queries that may stay flagged
+    # just above the first lift that must not be flagged
+    return float(np.nextafter(lifts[allowed], np.inf)) if allowed < len(lifts) else 0.0
+
+
+def copy_descriptor(pretrained: Path):
+    """The frozen pretrained backbone, GeM-pooled where its pooling can be swapped.
+
+    Returns:
+        (the module, the pretrained card, a name for people: backbone, weights and pooling).
+    """
+    from siamese_cv.models.pretrained import load_pretrained
+    from siamese_cv.models.siamese import EmbeddingNet
+
+    backbone, card = load_pretrained(pretrained)
+    pooling = "GeM-pooled" if backbone.pool_attr is not None else "its own pooling"
+    if backbone.pool_attr is not None:
+        backbone.set_pooling("gem")
+    name = f"frozen {card['backbone']} ({card['weights']}), {pooling}"
+    return EmbeddingNet(backbone, "identity", backbone.feature_dim), card, name
+
+
+@dataclass
+class CopyGallery:
+    """data/copies: every gallery photo's copy descriptor, in gallery order, and the rule."""
+
+    vectors: np.ndarray  # float32 [n, dim], unit rows
+    rule: CopyRule
+    meta: dict[str, Any]
+
+
+def copy_embedder(pretrained: Path, size: Any, engine: str, precision: str, batch_size: int):
+    """The copy descriptor's `Embedder`: (embedder, pretrained card, descriptor name).
+
+    Args:
+        size: what gives the input size and resize (`preprocess` params or a `Preprocessing`).
+        engine, precision: as export.engine and export.precision (or a gallery's record).
+    """
+    from siamese_cv.inference.embedder import Embedder
+    from siamese_cv.inference.hardware import resolve_device, resolve_precision
+    from siamese_cv.models.pretrained import preprocessing_of
+
+    model, card, name = copy_descriptor(pretrained)
+    resolved = resolve_precision(precision, resolve_device("auto"))
+    prep = preprocessing_of(size, card)
+    return Embedder(model, prep, resolved, batch_size, engine=engine), card, name
+
+
+def copy_embedder_of(copies: CopyGallery, pretrained: Path, batch_size: int = 64):
+    """The embedder that made `copies`, to embed queries alike.
+
+    Raises:
+        UserError: models/pretrained now holds other weights than the ones that made it.
+    """
+    from siamese_cv.models.siamese import Preprocessing
+
+    meta = copies.meta
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    embedder, card, _ = copy_embedder(
+        pretrained, prep, meta["engine"], meta["precision"], batch_size
+    )
+    if card["fingerprint"] != meta["pretrained_fingerprint"]:
+        raise UserError(
+            f"{pretrained} holds other weights than the copy gallery's; "
+            "run `dvc repro copy_gallery`"
+        )
+    return embedder
+
+
+def write_copy_gallery(directory: Path, rows: Any, vectors: np.ndarray, meta: dict) -> None:
+    """Write data/copies in data/gallery's layout (`rows`: a `Gallery` for ids and labels)."""
+    from siamese_cv.retrieval.gallery import gallery_table, write_gallery
+
+    table = gallery_table(rows.ids, rows.splits, rows.labels, rows.label_names, vectors)
+    write_gallery(directory, table, {**meta, "count": len(vectors), "dim": vectors.shape[1]})
+
+
+def load_copy_gallery(directory: Path, gallery_ids: list[str]) -> CopyGallery | None:
+    """data/copies for the gallery whose ids are `gallery_ids`; None when there is none.
+
+    Raises:
+        UserError: it describes another gallery's photos.
+    """
+    from siamese_cv.retrieval.gallery import EMBEDDINGS, load_gallery
+
+    if not (directory / EMBEDDINGS).is_file():
+        return None
+    copies = load_gallery(directory)
+    if copies.ids != gallery_ids:
+        raise UserError(
+            f"{directory} describes other photos than the gallery; run `dvc repro copy_gallery`"
+        )
+    rule = copies.meta["rule"]
+    return CopyGallery(copies.vectors, CopyRule(rule["margin"], rule["descriptor"]), copies.meta)

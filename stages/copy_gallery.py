@@ -1,0 +1,65 @@
+"""Stage `copy_gallery`: the copy descriptor of every gallery photo, and the rule that flags
+copies -> data/copies/ (data/gallery's layout; meta.json holds the rule and how it was chosen).
+
+The descriptor is the frozen pretrained backbone, so an edit of a training parameter does not
+rerun this stage; search and evaluate read it beside data/gallery (`retrieval/copies.py`).
+"""
+
+from __future__ import annotations
+
+try:  # `dvc repro` runs the `python` on PATH: without the venv, say what to do in one line
+    import siamese_cv  # noqa: F401
+except ModuleNotFoundError as missing:
+    raise SystemExit(f"{missing}: run `source .venv/bin/activate` or `make repro`") from None
+
+import logging
+from collections.abc import Sequence
+
+from siamese_cv.config.stage import run_stage, stage_params
+from siamese_cv.core import paths
+from siamese_cv.evaluation.copy_calibration import calibrate_margin
+from siamese_cv.retrieval.copies import CopyRule, copy_embedder, write_copy_gallery
+from siamese_cv.retrieval.gallery_export import embed_splits_in_order
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    params = stage_params(argv, __doc__)
+    export = params.export
+    embedder, card, name = copy_embedder(
+        paths.PRETRAINED, params.preprocess, export.engine, export.precision, export.batch_size
+    )
+    rows, vectors = embed_splits_in_order(embedder, list(export.splits), "copy_gallery")
+    margin, chosen = calibrate_margin(
+        embedder, name, vectors, rows.splits, paths.PROCESSED, params.copies
+    )
+    rule = CopyRule(margin, name)
+    meta = {
+        "descriptor": name,
+        "pretrained_fingerprint": card["fingerprint"],
+        "preprocessing": embedder.prep.to_dict(),
+        "engine": export.engine,
+        "precision": embedder.precision.name,
+        "splits": list(export.splits),
+        "metric": "cosine",
+        "normalized": True,
+        "rule": rule.to_dict(),
+        "calibration": chosen,
+    }
+    write_copy_gallery(paths.COPIES, rows, vectors, meta)
+    found = (
+        f"; on validation it flagged {chosen['flagged_right']:.1%} of {chosen['copies']} copies "
+        f"rightly and {chosen['false_flags']:.1%} of {chosen['photos_without_copy']} photos "
+        "with no copy"
+        if "copies" in chosen
+        else ""
+    )
+    log.info(
+        f"copy_gallery: {len(vectors)} photos -> {paths.COPIES}; rule: {rule.describe()}{found}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_stage(main)
