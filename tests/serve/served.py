@@ -1,4 +1,4 @@
-"""A real tiny project for the serving tests: `dvc repro index_gallery` once per test module.
+"""A real tiny project for the serving tests, built once per test module.
 
 A module's tests that only read it share `served_project`; a test that changes outputs works
 on its own copy (`project_copy`), so no test sees another's leftovers. (Not a conftest.py: the
@@ -18,11 +18,11 @@ from siamese_cv.serve import Settings, create_app
 
 
 def build_project(tmp_path_factory, **overrides: str) -> Path:
-    """A tiny project of 3 classes (12 gallery photos) after `dvc repro index_gallery`."""
+    """A tiny project of 3 classes (12 gallery photos) with its gallery, index and copies."""
     base = tmp_path_factory.mktemp("serve")
     photos = copy_photos(base / "photos", train=6, test=3, classes=3)
     root = make_project(base / "project", photos, overrides)
-    run(root, "dvc", "repro", "index_gallery")
+    run(root, "dvc", "repro", "index_gallery", "copy_gallery")
     return root
 
 

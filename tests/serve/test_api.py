@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from pipeline_project import run
-from served import app_for, build_project, gallery_rows, source_photo, stored_image
+from served import (
+    app_for,
+    build_project,
+    copy_project,
+    gallery_rows,
+    source_photo,
+    stored_image,
+)
 
 from siamese_cv.retrieval.engine import SearchEngine
 
@@ -85,6 +93,45 @@ def test_the_api_answers_what_siamese_search_answers(client, served_project, row
     assert [h["id"] for h in api] == [h["id"] for h in cli]
     assert [h["label_name"] for h in api] == [h["label_name"] for h in cli]
     assert np.allclose([h["score"] for h in api], [h["score"] for h in cli], atol=1e-5)
+
+
+def test_copies_of_the_query_come_first_marked_with_the_rule(client, served_project, rows):
+    """What the copy rule flags over data/copies, computed here from the files, leads the hits;
+    the API and siamese-search mark the same copies."""
+    from siamese_cv.retrieval.copies import copy_embedder_of, find_copies, load_copy_gallery
+
+    copies = load_copy_gallery(served_project / "data/copies", [r["id"] for r in rows])
+    assert copies is not None
+    embedder = copy_embedder_of(copies, served_project / "models/pretrained")
+    engine = SearchEngine.load(served_project)
+    marked = 0
+    for row in rows[:6]:
+        photo = source_photo(served_project, row["id"])
+        vector = embedder.embed_images([engine.prepare(photo)])
+        expected = find_copies(vector, copies.vectors, copies.rule)[0]
+        body = upload(client, photo.read_bytes(), top="6").json()
+        assert body["copy_rule"] == copies.rule.describe() == engine.copy_rule()
+        hits = body["hits"]
+        flags = [h["copy"] for h in hits]
+        assert flags == [True] * len(expected) + [False] * (len(hits) - len(expected)), row
+        assert [h["id"] for h in hits[: len(expected)]] == [rows[r]["id"] for r, _ in expected]
+        assert np.allclose([h["copy_score"] for h in hits if h["copy"]], [s for _, s in expected])
+        assert all(h["copy_score"] is None for h in hits if not h["copy"])
+        assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
+        assert len({h["id"] for h in hits}) == len(hits)  # a copy is not listed again below
+        cli = run(served_project, "siamese-search", str(photo), "--top", "6").stdout.splitlines()
+        assert [line.endswith(")") and " copy (" in line for line in cli] == flags
+        marked += bool(expected)
+    assert marked >= 3  # the photos themselves, re-encoded by preprocess, are copies
+
+
+def test_without_data_copies_nothing_is_marked(served_project, rows, tmp_path):
+    project = copy_project(served_project, tmp_path / "project")
+    shutil.rmtree(project / "data/copies")
+    engine = SearchEngine.load(project)
+    hits = engine.search(source_photo(project, rows[0]["id"]), 4)
+    assert engine.copy_rule() is None and engine.info()["copy_rule"] is None
+    assert hits[0].id == rows[0]["id"] and not any(h.copy for h in hits)
 
 
 def test_a_stored_image_embeds_to_its_own_gallery_vector(client, served_project, rows):
@@ -249,6 +296,7 @@ def test_queries_batched_together_give_the_vectors_of_one_at_a_time(served_proje
     engine = SearchEngine.load(served_project)
     images = [engine.prepare(stored_image(served_project, r["id"])) for r in rows[:5]]
     alone = np.concatenate([engine.embed([image]) for image in images])
+    alone_copies = np.stack([engine.embed_queries([image])[0].copy_vector for image in images])
     sizes: list[int] = []
 
     async def together() -> list[np.ndarray]:
@@ -269,10 +317,12 @@ def test_queries_batched_together_give_the_vectors_of_one_at_a_time(served_proje
             finally:
                 await batcher.stop()
 
-    assert np.allclose(asyncio.run(alone_in_a_long_window()), alone[0], atol=1e-6)
-    batched = np.stack(asyncio.run(together()))
+    assert np.allclose(asyncio.run(alone_in_a_long_window()).vector, alone[0], atol=1e-6)
+    queries = asyncio.run(together())
+    batched = np.stack([q.vector for q in queries])
     assert sizes == [4, 1]  # queued together: one batch of the cap, then the rest
     assert np.allclose(batched, alone, atol=1e-6)
+    assert np.allclose(np.stack([q.copy_vector for q in queries]), alone_copies, atol=1e-6)
     top = engine.search_vectors(batched, 5)
     assert [[h.id for h in hits] for hits in top] == [
         [h.id for h in hits] for hits in engine.search_vectors(alone, 5)

@@ -1,6 +1,7 @@
 """The page in a real browser: Debian's headless Chromium, driven by selenium, on a live server.
 
-Uploads a gallery photo, waits for the grid, checks the first result and its score, clicks
+Uploads a gallery photo, waits for the grid, checks the first result, its score and the copy
+badges, clicks
 "More like this", refuses a text file with a message, and saves screenshots (a laptop and a
 phone-width window) into $SIAMESE_CV_SCREENSHOTS, or the test's temp folder.
 """
@@ -14,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from served import build_project, gallery_rows, stored_image
 
@@ -92,6 +94,20 @@ def test_the_page_searches_an_uploaded_photo_and_more_like_this(server, browser,
     assert rank == "#1" and float(score) >= 0.999
     assert first.find_element(By.TAG_NAME, "img").get_attribute("naturalWidth") == "64"
     assert "Your photo: query.jpg" in browser.find_element(By.ID, "query-caption").text
+    # the copies the API marks for this photo lead the grid, each with its badge and score
+    api = httpx.post(
+        url + "/api/search", files={"image": photo.read_bytes()}, data={"top": "10"}
+    ).json()
+    copies = [h for h in api["hits"] if h["copy"]]
+    assert copies and copies[0]["id"] == row["id"]
+    shown = browser.find_elements(By.CSS_SELECTOR, "#grid .hit.copy")
+    assert shown == browser.find_elements(By.CSS_SELECTOR, "#grid .hit")[: len(copies)]
+    for hit, item in zip(copies, shown, strict=True):
+        badge = item.find_element(By.CSS_SELECTOR, ".badge")
+        assert badge.text == f"copy · {hit['copy_score']:.3f}"
+        assert badge.get_attribute("title") == f"a copy of the query: {api['copy_rule']}"
+    count = f"{len(copies)} {'copy' if len(copies) == 1 else 'copies'} of the query first"
+    assert count in browser.find_element(By.ID, "summary").text
     folder = screenshot_dir(tmp_path)
     browser.save_screenshot(str(folder / "search.png"))
 

@@ -67,6 +67,7 @@ def test_a_re_export_is_swapped_in_while_a_request_is_in_flight(built, tmp_path)
         assert hits[0]["id"] == photo_id
         fresh = client.post("/api/search", files={"image": ("q.jpg", photo)}, data={"top": "30"})
         assert len(fresh.json()["hits"]) == 21 and fresh.json()["hits"][0]["id"] == photo_id
+        assert answer.json()["copy_rule"] and fresh.json()["copy_rule"] is None  # copies stale
         test_id = next(r["id"] for r in gallery_rows(root) if r["split"] == "test")
         assert client.get(f"/api/similar/{test_id}").json()["hits"][0]["id"] == test_id
         assert client.app.state.holder.swaps == 1

@@ -44,36 +44,31 @@ class CopyRule:
         return {"margin": self.margin, "background": BACKGROUND, "descriptor": self.descriptor}
 
 
-def normalized_scores(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's copy scores [q, n] ranked best first, and how far each beats the background.
+def find_copies(
+    queries: np.ndarray, gallery: np.ndarray, rule: CopyRule
+) -> list[list[tuple[int, float]]]:
+    """Per query row, the gallery rows the rule calls copies and their copy scores, best first.
 
-    Returns:
-        (order [q, n] gallery rows best first, lift [q, n]: sorted score minus the mean of the
-        BACKGROUND scores after the best; with a one-photo gallery the lift is 0).
+    Only the best 1 + BACKGROUND photos can be flagged: the rule compares each with the mean of
+    the BACKGROUND after the best. A one-photo gallery flags nothing (there is no background).
     """
-    order = np.argsort(-scores, axis=1, kind="stable")
-    ranked = np.take_along_axis(scores, order, axis=1)
-    background = ranked[:, 1 : 1 + BACKGROUND]
-    if background.shape[1] == 0:
-        return order, np.zeros_like(ranked)
-    return order, ranked - background.mean(axis=1, keepdims=True)
+    from siamese_cv.retrieval.index import top_k
 
-
-def flagged(scores: np.ndarray, rule: CopyRule) -> list[list[tuple[int, float]]]:
-    """Per query, the gallery rows the rule calls copies and their copy scores, best first."""
-    order, lift = normalized_scores(scores)
-    out = []
-    for q in range(len(scores)):
-        hits = np.flatnonzero(lift[q] >= rule.margin)
-        out.append([(int(order[q, i]), float(scores[q, order[q, i]])) for i in hits])
-    return out
+    if len(gallery) < 2:
+        return [[] for _ in range(len(np.atleast_2d(queries)))]
+    rows, scores = top_k(gallery, queries, 1 + BACKGROUND)
+    lift = scores - scores[:, 1:].mean(axis=1, keepdims=True)
+    return [
+        [(int(r), float(s)) for r, s, up in zip(row, score, ups, strict=True) if up >= rule.margin]
+        for row, score, ups in zip(rows, scores, lift, strict=True)
+    ]
 
 
 def choose_margin(background_lift: np.ndarray, false_flags: float) -> float:
     """The smallest margin that flags at most `false_flags` of queries with no copy.
 
     Args:
-        background_lift: each no-copy query's best lift (`normalized_scores`' first column).
+        background_lift: each no-copy query's best score minus the mean of its next BACKGROUND.
     """
     lifts = np.sort(np.asarray(background_lift, np.float64))[::-1]
     if not len(lifts):
@@ -129,8 +124,10 @@ def copy_embedder(pretrained: Path, size: Any, engine: str, precision: str, batc
     return Embedder(model, prep, resolved, batch_size, engine=engine), card, name
 
 
-def copy_embedder_of(copies: CopyGallery, pretrained: Path, batch_size: int = 64):
-    """The embedder that made `copies`, to embed queries alike.
+def copy_embedder_of(
+    copies: CopyGallery, pretrained: Path, batch_size: int = 64, engine: str | None = None
+):
+    """The embedder that made `copies`, to embed queries alike (`engine` overrides its engine).
 
     Raises:
         UserError: models/pretrained now holds other weights than the ones that made it.
@@ -140,7 +137,7 @@ def copy_embedder_of(copies: CopyGallery, pretrained: Path, batch_size: int = 64
     meta = copies.meta
     prep = Preprocessing.from_dict(meta["preprocessing"])
     embedder, card, _ = copy_embedder(
-        pretrained, prep, meta["engine"], meta["precision"], batch_size
+        pretrained, prep, engine or meta["engine"], meta["precision"], batch_size
     )
     if card["fingerprint"] != meta["pretrained_fingerprint"]:
         raise UserError(

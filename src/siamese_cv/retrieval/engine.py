@@ -15,6 +15,10 @@ Decisions:
   index must be this gallery's; anything else is a `UserError` naming the stage to rerun.
 - With an IVF index the engine keeps FAISS's compressed codes and drops the float32 matrix; a
   gallery photo's stored vector (`similar`) is read from its parquet row group when asked for.
+- Copies come first: with data/copies (the copy_gallery stage) a query is also described by the
+  frozen pretrained backbone, and the gallery photos its rule calls copies of the query lead the
+  hits, marked `copy` with their copy score; the merely similar photos follow, by the trained
+  embedding. Without data/copies the search is the trained embedding's alone.
 - The engine is immutable after `load`: a newer project state is a new engine (the server swaps
   whole engines), so concurrent queries never see half of an update.
 """
@@ -26,7 +30,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from threading import Lock
 from typing import Any
@@ -37,6 +41,8 @@ from PIL import Image
 
 from siamese_cv.core import paths
 from siamese_cv.core.errors import UserError
+from siamese_cv.models.pretrained import CARD_FILE, WEIGHTS_FILE
+from siamese_cv.retrieval.copies import CopyGallery, find_copies, load_copy_gallery
 from siamese_cv.retrieval.gallery import EMBEDDINGS, META, load_gallery
 from siamese_cv.retrieval.index import (
     INDEX_META,
@@ -48,7 +54,7 @@ from siamese_cv.retrieval.index import (
     normalize_rows,
 )
 
-__all__ = ["Hit", "SearchEngine", "outputs_fingerprint"]
+__all__ = ["Hit", "Query", "SearchEngine", "outputs_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +67,17 @@ class Hit:
     rank: int
     id: str
     label_name: str
-    score: float
+    score: float  # the trained embedding's cosine to the query
+    copy: bool = False  # the copy rule calls this photo a copy of the query
+    copy_score: float | None = None  # the copy descriptor's cosine, for a copy
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query, embedded for both questions."""
+
+    vector: np.ndarray  # the trained embedding [dim]
+    copy_vector: np.ndarray | None = None  # the copy descriptor [copy dim]; None without copies
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,8 @@ class _Layout:
     gallery: Path
     index: Path
     processed: Path
+    copies: Path
+    pretrained: Path
 
     def files(self) -> list[Path]:
         return [
@@ -79,6 +97,10 @@ class _Layout:
             self.gallery / EMBEDDINGS,
             self.index / INDEX_META,
             self.index / IVF_FILE,
+            self.copies / META,
+            self.copies / EMBEDDINGS,
+            self.pretrained / CARD_FILE,
+            self.pretrained / WEIGHTS_FILE,
         ]
 
 
@@ -94,7 +116,12 @@ def outputs_fingerprint(
     Cheap enough to poll every second: a `dvc repro` or `dvc checkout` that replaces any of them
     changes it (both write new files and rename them into place).
     """
-    layout = _layout(Path(project_dir), model_dir, gallery_dir, index_dir, None)
+    return _files_fingerprint(
+        _layout(Path(project_dir), model_dir, gallery_dir, index_dir, None, None)
+    )
+
+
+def _files_fingerprint(layout: _Layout) -> tuple:
     stamp = []
     for path in layout.files():
         try:
@@ -106,12 +133,16 @@ def outputs_fingerprint(
     return tuple(stamp)
 
 
-def _layout(root: Path, model, gallery, index, processed) -> _Layout:
+def _layout(root: Path, model, gallery, index, processed, copies) -> _Layout:
+    """The folders an engine reads; the pretrained weights are those beside the model's."""
+    model_dir = Path(model) if model else root / paths.MODEL
     return _Layout(
-        Path(model) if model else root / paths.MODEL,
+        model_dir,
         Path(gallery) if gallery else root / paths.GALLERY,
         Path(index) if index else root / paths.INDEX,
         Path(processed) if processed else root / paths.PROCESSED,
+        Path(copies) if copies else root / paths.COPIES,
+        model_dir / paths.PRETRAINED.name,
     )
 
 
@@ -133,8 +164,12 @@ class SearchEngine:
         meta: dict[str, Any],
         layout: _Layout,
         fingerprint: tuple,
+        copies: CopyGallery | None = None,
+        copy_embedder: Any = None,
     ):
         self._embedder = embedder
+        self.copies = copies  # None: no data/copies, the search answers by similarity alone
+        self._copy_embedder = copy_embedder
         self.index = index
         self.ids = ids
         self.splits = splits
@@ -166,11 +201,13 @@ class SearchEngine:
         gallery_dir: str | Path | None = None,
         index_dir: str | Path | None = None,
         processed_dir: str | Path | None = None,
+        copies_dir: str | Path | None = None,
         index_kind: str | None = None,
         engine: str | None = None,
         threads: int | None = None,
     ) -> SearchEngine:
-        """Load `project_dir`'s models/, data/gallery and data/index (each folder overridable).
+        """Load `project_dir`'s models/, data/gallery, data/index and data/copies (each folder
+        overridable; without data/copies no hit is marked a copy).
 
         Args:
             index_kind: None: the saved index (exact search when none was saved); "exact";
@@ -181,7 +218,8 @@ class SearchEngine:
 
         Raises:
             UserError: a missing output, a model and gallery that do not belong together, or an
-                index of another gallery; the message names the `dvc repro` that fixes it.
+                index of another gallery; the message names the `dvc repro` that fixes it. A
+                stale data/copies only turns the copy marks off, with a warning.
         """
         import torch
 
@@ -190,10 +228,8 @@ class SearchEngine:
         from siamese_cv.models.siamese import Preprocessing, load_checkpoint
 
         root = Path(project_dir)
-        layout = _layout(root, model_dir, gallery_dir, index_dir, processed_dir)
-        fingerprint = outputs_fingerprint(
-            root, model_dir=layout.model, gallery_dir=layout.gallery, index_dir=layout.index
-        )
+        layout = _layout(root, model_dir, gallery_dir, index_dir, processed_dir, copies_dir)
+        fingerprint = _files_fingerprint(layout)
         started = time.perf_counter()
         gallery = load_gallery(layout.gallery)
         model, config = load_checkpoint(layout.model)
@@ -213,6 +249,7 @@ class SearchEngine:
         embedder = Embedder(model, prep, precision, batch_size=64, engine=engine_name)
         index = _choose_index(gallery.vectors, layout.index, index_kind)
         vectors = index.vectors if isinstance(index, ExactIndex) else None
+        copies, copy_embedder = _load_copies(layout, gallery.ids, prep, engine)
         engine_obj = cls(
             embedder=embedder,
             index=index,
@@ -223,14 +260,17 @@ class SearchEngine:
             meta={**gallery.meta, "backbone": config.get("backbone")},
             layout=layout,
             fingerprint=fingerprint,
+            copies=copies,
+            copy_embedder=copy_embedder,
         )
         del gallery  # with an ivf index, the float32 matrix goes here
         logger.info(
-            "search engine: %s, %s embedder (%s), model %s, loaded in %.1f s",
+            "search engine: %s, %s embedder (%s), model %s, copies: %s; loaded in %.1f s",
             index.describe(),
             engine_name,
             embedder.precision.name,
             config.get("fingerprint"),
+            copies.rule.describe() if copies else f"none marked (no {layout.copies})",
             time.perf_counter() - started,
         )
         return engine_obj
@@ -254,6 +294,14 @@ class SearchEngine:
         """Embed prepared images (`prepare`) in one batch: float32 [n, dim], L2-normalised."""
         return self._embedder.embed_images(list(images))
 
+    def embed_queries(self, images: Sequence[Image.Image]) -> list[Query]:
+        """Embed prepared images (`prepare`) for both questions, each network in one batch."""
+        vectors = self.embed(images)
+        if self._copy_embedder is None:
+            return [Query(v) for v in vectors]
+        copy_vectors = self._copy_embedder.embed_images(list(images))
+        return [Query(v, c) for v, c in zip(vectors, copy_vectors, strict=True)]
+
     def search(
         self,
         image: Image.Image | bytes | str | Path,
@@ -261,22 +309,50 @@ class SearchEngine:
         label: str | None = None,
         nprobe: int | None = None,
     ) -> list[Hit]:
-        """The gallery's `top` photos most similar to `image` (a path, bytes or PIL image).
+        """The gallery's `top` photos most similar to `image` (a path, bytes or PIL image),
+        its copies first.
 
         Raises:
             ImageError: `image` is not a usable image.
             UserError: an unknown `label`, or `top` below 1.
         """
-        vector = self.embed([self.prepare(image)])
-        return self.search_vectors(vector, top, label, nprobe)[0]
+        return self.search_query(self.embed_queries([self.prepare(image)])[0], top, label, nprobe)
 
     def similar(self, gallery_id: str, top: int = 20, label: str | None = None) -> list[Hit]:
-        """The photos most similar to gallery photo `gallery_id`, by its stored vector.
+        """The photos most similar to gallery photo `gallery_id`, by its stored vectors (the
+        photo itself, and any duplicates of it, are its copies).
 
         Raises:
             KeyError: no gallery photo has that id.
         """
-        return self.search_vectors(self.vector(gallery_id)[None], top, label)[0]
+        copy_vector = self.copies.vectors[self._row[gallery_id]] if self.copies else None
+        return self.search_query(Query(self.vector(gallery_id), copy_vector), top, label)
+
+    def search_query(
+        self, query: Query, top: int = 20, label: str | None = None, nprobe: int | None = None
+    ) -> list[Hit]:
+        """The `top` hits for one embedded query: the copies the rule flags first (within
+        `label`, if given), then the most similar of the other photos."""
+        if self.copies is None or query.copy_vector is None:
+            return self.search_vectors(query.vector[None], top, label, nprobe)[0]
+        found = find_copies(query.copy_vector[None], self.copies.vectors, self.copies.rule)[0]
+        if label is not None:
+            found = [(row, score) for row, score in found if self.label_names[row] == label]
+        found = found[:top]
+        similar = self.search_vectors(query.vector[None], top + len(found), label, nprobe)[0]
+        copy_rows = {row for row, _ in found}
+        vector = normalize_rows(query.vector)[0]
+        hits = [
+            Hit(0, self.ids[row], self.label_names[row], float(self._stored(row) @ vector),
+                copy=True, copy_score=score)
+            for row, score in found
+        ]  # fmt: skip
+        hits += [h for h in similar if self._row[h.id] not in copy_rows]
+        return [replace(h, rank=rank) for rank, h in enumerate(hits[:top], start=1)]
+
+    def copy_rule(self) -> str | None:
+        """The rule that marks a hit a copy, in words; None when no hit can be one."""
+        return self.copies.rule.describe() if self.copies else None
 
     def search_vectors(
         self,
@@ -285,7 +361,8 @@ class SearchEngine:
         label: str | None = None,
         nprobe: int | None = None,
     ) -> list[list[Hit]]:
-        """The `top` hits for each row of `vectors` [q, dim], optionally within one `label`."""
+        """The `top` most similar for each row of `vectors` [q, dim], optionally within one
+        `label`, by the trained embedding alone (no copies marked)."""
         if top < 1:
             raise UserError(f"top: {top} must be at least 1")
         vectors = normalize_rows(vectors)
@@ -338,7 +415,9 @@ class SearchEngine:
 
     def vector(self, gallery_id: str) -> np.ndarray:
         """The stored (export_gallery) vector of a gallery photo. Raises KeyError."""
-        row = self._row[gallery_id]
+        return self._stored(self._row[gallery_id])
+
+    def _stored(self, row: int) -> np.ndarray:
         if self._vectors is not None:
             return self._vectors[row]
         file = pq.ParquetFile(self.layout.gallery / EMBEDDINGS)
@@ -408,7 +487,29 @@ class SearchEngine:
             "image_size": self.prep.image_size,
             "input_sizes": list(self.prep.sizes),
             "splits": sorted(set(self.splits)),
+            "copy_rule": self.copy_rule(),
         }
+
+
+def _load_copies(layout: _Layout, gallery_ids: list[str], prep: Any, engine: str | None):
+    """data/copies and the embedder of its descriptor; (None, None) when there is none, or when
+    it is stale (a warning names the stage to rerun): similarity search goes on without it."""
+    from siamese_cv.retrieval.copies import copy_embedder_of
+
+    try:
+        copies = load_copy_gallery(layout.copies, gallery_ids)
+        if copies is None:
+            return None, None
+        embedder = copy_embedder_of(copies, layout.pretrained, engine=engine)
+        if (embedder.prep.image_size, embedder.prep.resize) != (prep.image_size, prep.resize):
+            raise UserError(
+                f"{layout.copies} was made at another image size than {layout.gallery}; "
+                "run `dvc repro copy_gallery`"
+            )
+    except UserError as error:
+        logger.warning("no hit is marked a copy: %s", error)
+        return None, None
+    return copies, embedder
 
 
 def _precision(recorded: str, device):

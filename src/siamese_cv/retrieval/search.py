@@ -7,7 +7,9 @@ Python loop (`exact`), or a FAISS IVF index for galleries too large for that (`i
 saved in data/index (`search.index` in params.yaml), so a large gallery's index is trained once.
 The query is embedded as export_gallery embedded the gallery (the engine and precision in its
 meta.json); `--engine` overrides the engine. It is one query through `SearchEngine`
-(`siamese_cv.retrieval.engine`), the path `siamese-serve` answers many with.
+(`siamese_cv.retrieval.engine`), the path `siamese-serve` answers many with. Hits that the copy
+rule calls copies of the query (an edited copy of a gallery photo, or the photo itself; see
+`siamese_cv.retrieval.copies`) come first, marked `copy` with their copy score.
 """
 
 from __future__ import annotations
@@ -107,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps([hit.__dict__ for hit in hits], indent=2))
     else:
         for hit in hits:
-            print(f"{hit.rank:3d}  {hit.score:.4f}  {hit.label_name:<24}  {hit.id}")
+            mark = f"  copy ({hit.copy_score:.3f})" if hit.copy else ""
+            print(f"{hit.rank:3d}  {hit.score:.4f}  {hit.label_name:<24}  {hit.id}{mark}")
+        if any(hit.copy for hit in hits):
+            print(f"copy: {engine.copy_rule()}", file=sys.stderr)
         if args.grid:
             print(f"grid: {args.grid}", file=sys.stderr)
     return 0

@@ -5,7 +5,8 @@ another request is on its way (announced with `coming()` before its upload is de
 query never waits for company that is not coming. Embedding runs
 in one worker thread, off the event loop, so queries that arrive meanwhile form the next batch.
 Each batch is embedded by the engine its queries were given (a swap mid-batch splits it).
-Vectors are those of one-at-a-time embedding: the network sees each image independently
+Both networks (the trained one, and the copy descriptor when the gallery has data/copies) see
+the batch. Vectors are those of one-at-a-time embedding: the network sees each image independently
 (eval mode, no batch statistics); only float rounding in batched matrix products may differ.
 """
 
@@ -17,10 +18,9 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-import numpy as np
 from PIL import Image
 
-from siamese_cv.retrieval.engine import SearchEngine
+from siamese_cv.retrieval.engine import Query, SearchEngine
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def embed(self, engine: SearchEngine, image: Image.Image) -> np.ndarray:
-        """The L2-normalised vector [dim] of one prepared image (`engine.prepare`)."""
+    async def embed(self, engine: SearchEngine, image: Image.Image) -> Query:
+        """One prepared image (`engine.prepare`) embedded for search (`engine.embed_queries`)."""
         assert self._queue is not None, "start() the batcher in the app's lifespan"
         future = asyncio.get_running_loop().create_future()
         await self._queue.put((engine, image, future))
@@ -108,7 +108,7 @@ class MicroBatcher:
                 self._on_batch(len(live))
             try:
                 vectors = await loop.run_in_executor(
-                    self._executor, engine.embed, [item[1] for item in live]
+                    self._executor, engine.embed_queries, [item[1] for item in live]
                 )
             except Exception as error:
                 for _, _, future in live:

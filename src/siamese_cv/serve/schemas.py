@@ -10,6 +10,14 @@ class Hit(BaseModel):
     id: str = Field(description="the gallery photo's id (as in data/gallery)")
     label_name: str = Field(description="the photo's class")
     score: float = Field(description="cosine similarity to the query, -1 to 1")
+    is_copy: bool = Field(  # named `copy` in JSON; the attribute would shadow BaseModel.copy
+        False,
+        alias="copy",
+        description="the copy rule calls this photo a copy of the query (see copy_rule)",
+    )
+    copy_score: float | None = Field(
+        None, description="for a copy: the copy descriptor's cosine similarity to the query"
+    )
     image_url: str = Field(description="where the photo's bytes are: /api/images/{id}")
 
 
@@ -25,7 +33,10 @@ class SearchResponse(BaseModel):
     top: int
     label: str | None = Field(None, description="the class the hits were limited to")
     took_ms: float = Field(description="time in the server, decoding and embedding included")
-    hits: list[Hit]
+    copy_rule: str | None = Field(
+        None, description="what makes a hit a copy; None when the server marks no copies"
+    )
+    hits: list[Hit] = Field(description="copies of the query first, then the most similar")
 
 
 class Info(BaseModel):
@@ -40,6 +51,7 @@ class Info(BaseModel):
     image_size: int
     input_sizes: list[int]
     splits: list[str]
+    copy_rule: str | None = Field(None, description="what marks a hit a copy (None: nothing)")
     loaded_at: float = Field(description="when these outputs were loaded (Unix time)")
 
 

@@ -10,7 +10,6 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Upload
 from starlette.concurrency import run_in_threadpool
 
 from siamese_cv.retrieval.engine import Hit as EngineHit
-from siamese_cv.retrieval.engine import SearchEngine
 from siamese_cv.serve.routes._deps import check_label, check_top, current_engine, unknown_id
 from siamese_cv.serve.schemas import Error, Hit, QuerySize, SearchResponse
 from siamese_cv.serve.uploads import Refused, prepare_upload, too_large
@@ -28,6 +27,8 @@ def hits_out(hits: list[EngineHit]) -> list[Hit]:
             id=h.id,
             label_name=h.label_name,
             score=h.score,
+            copy=h.copy,
+            copy_score=h.copy_score,
             image_url=f"/api/images/{quote(h.id, safe='')}",
         )
         for h in hits
@@ -41,7 +42,7 @@ async def search(
     top: Annotated[int, Form(description="how many results, 1 to the server's limit (100)")] = 20,
     label: Annotated[str | None, Form(description="only photos of this class")] = None,
 ) -> SearchResponse:
-    """The gallery photos most similar to an uploaded photo, best first."""
+    """The gallery photos most similar to an uploaded photo, best first; its copies lead."""
     started = time.perf_counter()
     settings = request.app.state.settings
     top = check_top(top, request)
@@ -58,13 +59,14 @@ async def search(
             )
         except Refused as refused:
             raise HTTPException(refused.status, refused.detail) from None
-    vector = await batcher.embed(engine, prepared)
-    hits = await run_in_threadpool(_search, engine, vector, top, label)
+    query = await batcher.embed(engine, prepared)
+    hits = await run_in_threadpool(engine.search_query, query, top, label)
     return SearchResponse(
         query=QuerySize(width=width, height=height, bytes=len(data)),
         top=top,
         label=label,
         took_ms=round(1000 * (time.perf_counter() - started), 2),
+        copy_rule=engine.copy_rule(),
         hits=hits_out(hits),
     )
 
@@ -89,9 +91,6 @@ async def similar(
         top=top,
         label=label,
         took_ms=round(1000 * (time.perf_counter() - started), 2),
+        copy_rule=engine.copy_rule(),
         hits=hits_out(hits),
     )
-
-
-def _search(engine: SearchEngine, vector, top: int, label: str | None) -> list[EngineHit]:
-    return engine.search_vectors(vector[None], top, label)[0]

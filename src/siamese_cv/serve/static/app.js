@@ -54,7 +54,7 @@ function drawHits(result) {
   grid.replaceChildren();
   for (const hit of result.hits) {
     const item = document.createElement("li");
-    item.className = "hit";
+    item.className = hit.copy ? "hit copy" : "hit";
     const img = document.createElement("img");
     img.src = hit.image_url;
     img.alt = `${hit.label_name} (${hit.id})`;
@@ -72,12 +72,23 @@ function drawHits(result) {
     more.type = "button";
     more.textContent = "More like this";
     more.addEventListener("click", () => similar(hit));
-    meta.append(score, label, more);
+    meta.append(score);
+    if (hit.copy) {
+      const badge = document.createElement("span");
+      badge.className = "badge";
+      badge.textContent = `copy · ${hit.copy_score.toFixed(3)}`;
+      badge.title = `a copy of the query: ${result.copy_rule}`;
+      meta.append(badge);
+    }
+    meta.append(label, more);
     item.append(img, meta);
     grid.appendChild(item);
   }
   const label = result.label ? ` of class ${result.label}` : "";
-  $("summary").textContent = `Top ${result.hits.length}${label} · ${result.took_ms.toFixed(0)} ms`;
+  const copies = result.hits.filter((hit) => hit.copy).length;
+  const found = copies ? ` · ${copies} ${copies === 1 ? "copy" : "copies"} of the query first` : "";
+  $("summary").textContent =
+    `Top ${result.hits.length}${label}${found} · ${result.took_ms.toFixed(0)} ms`;
   $("results").hidden = false;
 }
 
