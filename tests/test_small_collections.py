@@ -74,7 +74,10 @@ def test_a_class_with_one_test_photo_and_no_validation(tmp_path):
     assert alone_row not in anchors and len(anchors) == 3 * 6
     config = json.loads((root / "models/config.json").read_text())
     assert config["best_epoch"] == 2
-    assert len(json.loads((root / "metrics/test.json").read_text())) == 9
+    assert len(json.loads((root / "metrics/test.json").read_text())) == 10
+    assert "copies.margin auto needs validation photos (data.val_fraction); using 0.1" in log
+    rule = json.loads((root / "data/copies/meta.json").read_text())["rule"]
+    assert rule["margin"] == 0.1
 
 
 def test_a_split_with_no_class_of_two_stops_in_one_line(tmp_path):
