@@ -40,6 +40,7 @@ TINY_OVERRIDES = {
     "preprocess.image_size": "64", "train.epochs": "2", "train.batch_size": "4",
     "train.workers": "0", "triplets.test_draws": "3", "evaluate.batch_size": "8",
     "export.batch_size": "8", "copies.queries": "4",
+    "train.precision": "fp32",  # auto times a step: on a busy CPU two runs may choose apart
 }  # fmt: skip
 
 

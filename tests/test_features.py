@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 # the offline profile's shape on the tiny project: a frozen prefix, cached augmented views,
-# P x K batches, a proxy loss, a moving average and two members at two sizes
+# P x K batches, a proxy loss, a moving average and two members at two sizes, stored in fp32
+# (auto stores bf16 on CPUs with bf16 units)
 CACHED = {
+    "evaluate.precision": "fp32",
     "train.freeze": "1", "train.augment": "true", "train.augment_views": "3",
     "triplets.sampler": "pk", "triplets.classes_per_batch": "3", "triplets.samples_per_class": "2",
     "train.loss": "proxy_anchor", "train.margin": "0.1", "train.ema": "0.9",
@@ -29,7 +31,7 @@ FEATURE_EDITS = {
     "preprocess.image_size": "72", "preprocess.resize": "shorter_side_crop",
     "model.pooling": "gem", "model.inference_sizes": "[64, 80]", "train.freeze": "2",
     "train.augment": "false", "train.augment_views": "2", "train.seed": "7",
-    "train.device": "cpu", "evaluate.batch_size": "4", "evaluate.precision": "fp32",
+    "train.device": "cpu", "evaluate.batch_size": "4", "evaluate.precision": "bf16",
     "evaluate.engine": "onnxruntime",
 }  # fmt: skip
 # what only changes training: train reruns, the features stage does not
