@@ -21,7 +21,7 @@ from siamese_cv.data.images import load_rgb
 from siamese_cv.evaluation.copy_edits import Copy, choose_sources, make_copies
 from siamese_cv.evaluation.metrics import similarity_slabs
 from siamese_cv.inference.embedder import to_tensor
-from siamese_cv.retrieval.copies import BACKGROUND, CopyRule
+from siamese_cv.retrieval.copies import BACKGROUND, CopyRule, lifts
 
 
 def micro_average_precision(scores: np.ndarray, correct: np.ndarray, positives: int) -> float:
@@ -127,9 +127,11 @@ def copy_detection_metrics(
     overall = summary(np.ones(len(copies), bool))
     result = {key: overall[key] for key in ("recall@1", "uap", "margin")}
     if rule is not None:
-        lifts = best_lifts(distractor_top)
+        distractor_lifts = best_lifts(distractor_top)
         result["flagged"] = overall["flagged"]
-        result["false_flags"] = float((lifts >= rule.margin).mean()) if len(lifts) else 0.0
+        result["false_flags"] = (
+            float((distractor_lifts >= rule.margin).mean()) if len(distractor_lifts) else 0.0
+        )
     result["per_edit"] = {name: summary(edits == name) for name in dict.fromkeys(edits.tolist())}
     return result
 
@@ -137,9 +139,7 @@ def copy_detection_metrics(
 def best_lifts(top: np.ndarray) -> np.ndarray:
     """How far each row's best score beats the mean of the next BACKGROUND (`top`: each query's
     highest scores, best first)."""
-    if top.shape[1] < 2:
-        return np.zeros(len(top))
-    return top[:, 0] - top[:, 1 : 1 + BACKGROUND].mean(axis=1)
+    return lifts(top)[:, 0]
 
 
 def copy_queries(gallery_images: Sequence[bytes], count: int, seed: int) -> list[Copy]:

@@ -52,16 +52,25 @@ def find_copies(
     Only the best 1 + BACKGROUND photos can be flagged: the rule compares each with the mean of
     the BACKGROUND after the best. A one-photo gallery flags nothing (there is no background).
     """
-    from siamese_cv.retrieval.index import top_k
+    from siamese_cv.retrieval.index import top_k  # here: the stages that store copies never search
 
     if len(gallery) < 2:
         return [[] for _ in range(len(np.atleast_2d(queries)))]
     rows, scores = top_k(gallery, queries, 1 + BACKGROUND)
-    lift = scores - scores[:, 1:].mean(axis=1, keepdims=True)
+    lift = lifts(scores)
     return [
         [(int(r), float(s)) for r, s, up in zip(row, score, ups, strict=True) if up >= rule.margin]
         for row, score, ups in zip(rows, scores, lift, strict=True)
     ]
+
+
+def lifts(top: np.ndarray) -> np.ndarray:
+    """How far each of a query's best scores (`top` [q, k], best first) beats the mean of the
+    BACKGROUND scores after its best: what the rule compares with the margin (zeros when there
+    is no background)."""
+    if top.shape[1] < 2:
+        return np.zeros(top.shape)
+    return top - top[:, 1 : 1 + BACKGROUND].mean(axis=1, keepdims=True)
 
 
 def choose_margin(background_lift: np.ndarray, false_flags: float) -> float:

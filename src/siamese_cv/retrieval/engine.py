@@ -42,7 +42,12 @@ from PIL import Image
 from siamese_cv.core import paths
 from siamese_cv.core.errors import UserError
 from siamese_cv.models.pretrained import CARD_FILE, WEIGHTS_FILE
-from siamese_cv.retrieval.copies import CopyGallery, find_copies, load_copy_gallery
+from siamese_cv.retrieval.copies import (
+    CopyGallery,
+    copy_embedder_of,
+    find_copies,
+    load_copy_gallery,
+)
 from siamese_cv.retrieval.gallery import EMBEDDINGS, META, load_gallery
 from siamese_cv.retrieval.index import (
     INDEX_META,
@@ -494,8 +499,6 @@ class SearchEngine:
 def _load_copies(layout: _Layout, gallery_ids: list[str], prep: Any, engine: str | None):
     """data/copies and the embedder of its descriptor; (None, None) when there is none, or when
     it is stale (a warning names the stage to rerun): similarity search goes on without it."""
-    from siamese_cv.retrieval.copies import copy_embedder_of
-
     try:
         copies = load_copy_gallery(layout.copies, gallery_ids)
         if copies is None:

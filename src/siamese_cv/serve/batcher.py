@@ -107,7 +107,7 @@ class MicroBatcher:
             if self._on_batch is not None:
                 self._on_batch(len(live))
             try:
-                vectors = await loop.run_in_executor(
+                queries = await loop.run_in_executor(
                     self._executor, engine.embed_queries, [item[1] for item in live]
                 )
             except Exception as error:
@@ -115,6 +115,6 @@ class MicroBatcher:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for (_, _, future), vector in zip(live, vectors, strict=True):
+            for (_, _, future), query in zip(live, queries, strict=True):
                 if not future.done():
-                    future.set_result(vector)
+                    future.set_result(query)
