@@ -236,6 +236,25 @@ def test_a_bad_parameter_is_one_line_naming_it(
     assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err
 
 
+@pytest.mark.parametrize(
+    "stage, missing", [("sample_triplets", "data/processed"), ("train", "data/")]
+)
+def test_a_stage_run_before_its_inputs_exist_says_what_to_run(tmp_path, stage, missing) -> None:
+    """Run alone in a project with no data yet: one line naming the file and the command."""
+    folder = _params_dir(tmp_path, "data", "source", str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, f"stages/{stage}.py"],
+        cwd=folder,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = _one_line_error(result)
+    assert missing in line and "missing; run the stage that writes it" in line, line
+    assert "dvc repro" in line and not (folder / "models").exists()
+
+
 def test_check_accepts_the_paths_it_checks(tmp_path, capsys) -> None:
     """The counterpart of the data.source case: an existing folder and weights file pass."""
     folder = _params_dir(tmp_path, "data", "source", "photos")

@@ -56,9 +56,17 @@ def stage_args(
 def run_stage(main: Callable[[Sequence[str] | None], int | None]) -> None:
     """Entry point of `stages/<name>.py`: exit with main's status, errors as one line."""
     started = time.perf_counter()
-    status = run_cli(main)
+    name = Path(sys.argv[0]).stem
+    try:
+        status = run_cli(main)
+    except FileNotFoundError as missing:  # an earlier stage's output: run alone, out of order
+        print(
+            f"error: {missing.filename or missing}: missing; run the stage that writes it "
+            f"(`dvc repro {name}` runs every stage before this one)",
+            file=sys.stderr,
+        )
+        status = 2
     if status == 0:
-        name = Path(sys.argv[0]).stem
         if "--shard-key" in sys.argv:
             name += f" worker {os.environ.get('RANK', 0)}"
         log.info("%s: done in %.1f s", name, time.perf_counter() - started)
