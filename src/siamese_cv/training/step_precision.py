@@ -21,7 +21,7 @@ from siamese_cv.inference.hardware import Precision, cpu_has_fast_bf16, resolve_
 log = logging.getLogger(__name__)
 
 MIN_GAIN = 1.15  # below this, fp32's exact sums are worth more than the time
-TIMED_STEPS = 3
+TIMED_STEPS = 5  # per precision, in turns
 
 
 def choose_precision(
@@ -46,7 +46,7 @@ def choose_precision(
         return fp32
     bf16 = resolve_precision("bf16", device)
     net, batch = probe()
-    fp32_s, bf16_s = (step_seconds(net, batch, p) for p in (fp32, bf16))
+    fp32_s, bf16_s = step_seconds(net, batch, (fp32, bf16))
     chosen = bf16 if fp32_s / bf16_s >= MIN_GAIN else fp32
     log.info(
         "%s: precision auto: %s (a step took %.3f s in fp32, %.3f s in bf16; bf16 needs %.2fx)",
@@ -59,17 +59,25 @@ def choose_precision(
     return chosen
 
 
-def step_seconds(net: torch.nn.Module, batch: torch.Tensor, precision: Precision) -> float:
-    """Median seconds of a forward and backward pass of a copy of `net` (after one warm-up)."""
+def step_seconds(
+    net: torch.nn.Module, batch: torch.Tensor, precisions: tuple[Precision, ...]
+) -> list[float]:
+    """Median seconds of a forward and backward pass of a copy of `net` under each precision.
+
+    The precisions take turns step by step (after one warm-up each), so a shared machine's slow
+    moments fall on all of them alike instead of on whichever was timed in that moment's block.
+    """
     probe = copy.deepcopy(net).train()
-    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
-    if batch.dim() == 4:
-        batch = batch.contiguous(memory_format=memory_format)
-    times = []
+    inputs = []
+    for precision in precisions:
+        fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
+        inputs.append(batch.contiguous(memory_format=fmt) if batch.dim() == 4 else batch)
+    times: list[list[float]] = [[] for _ in precisions]
     for _ in range(TIMED_STEPS + 1):
-        started = time.perf_counter()
-        with precision.autocast():
-            out = probe(batch)
-        out.float().square().mean().backward()
-        times.append(time.perf_counter() - started)
-    return sorted(times[1:])[TIMED_STEPS // 2]
+        for precision, x, timed in zip(precisions, inputs, times, strict=True):
+            started = time.perf_counter()
+            with precision.autocast():
+                out = probe(x)
+            out.float().square().mean().backward()
+            timed.append(time.perf_counter() - started)
+    return [sorted(t[1:])[TIMED_STEPS // 2] for t in times]
