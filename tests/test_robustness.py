@@ -219,14 +219,7 @@ def test_a_bad_parameter_is_one_line_naming_it(
     tmp_path, capsys, section, key, value, message
 ) -> None:
     folder = _params_dir(tmp_path, section, key, value)
-    result = subprocess.run(
-        [sys.executable, "stages/download.py"],
-        cwd=folder,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run(folder, sys.executable, "stages/download.py", check=False, timeout=300)
     assert message in _one_line_error(result)
     assert not (folder / "data").exists() and not (folder / "models").exists()
 
@@ -242,14 +235,7 @@ def test_a_bad_parameter_is_one_line_naming_it(
 def test_a_stage_run_before_its_inputs_exist_says_what_to_run(tmp_path, stage, missing) -> None:
     """Run alone in a project with no data yet: one line naming the file and the command."""
     folder = _params_dir(tmp_path, "data", "source", str(tmp_path))
-    result = subprocess.run(
-        [sys.executable, f"stages/{stage}.py"],
-        cwd=folder,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run(folder, sys.executable, f"stages/{stage}.py", check=False, timeout=300)
     line = _one_line_error(result)
     assert missing in line and "missing; run the stage that writes it" in line, line
     assert "dvc repro" in line and not (folder / "models").exists()
@@ -355,14 +341,7 @@ def test_a_pickle_payload_as_weights_is_refused_by_download(tmp_path, name) -> N
     photos = copy_photos(tmp_path / "photos", train=2, test=1, classes=2)
     settings = {"data.source": str(photos), "model.backbone": "tiny", "model.weights": name}
     apply_params(project, settings)
-    result = subprocess.run(
-        [sys.executable, "stages/download.py"],
-        cwd=project,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run(project, sys.executable, "stages/download.py", check=False, timeout=300)
     line = _one_line_error(result)
     assert line.startswith(
         f"error: model.weights: {name} is not a plain tensor file and was not loaded"

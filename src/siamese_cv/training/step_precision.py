@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from siamese_cv.inference.hardware import Precision, cpu_has_fast_bf16, resolve_precision
+from siamese_cv.training.feature_cache import as_input
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,7 @@ def step_seconds(
     moments fall on all of them alike instead of on whichever was timed in that moment's block.
     """
     probe = copy.deepcopy(net).train()
-    inputs = []
-    for precision in precisions:
-        fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
-        inputs.append(batch.contiguous(memory_format=fmt) if batch.dim() == 4 else batch)
+    inputs = [as_input(batch, precision) for precision in precisions]
     times: list[list[float]] = [[] for _ in precisions]
     for _ in range(TIMED_STEPS + 1):
         for precision, x, timed in zip(precisions, inputs, times, strict=True):
