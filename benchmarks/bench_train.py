@@ -7,9 +7,10 @@ efficientnet_lite2's ImageNet weights. The one-off cost of filling the cache is 
 separately: it is one inference pass.
 
 Table 2: the offline profile's step (the last three stages on cached features, Proxy-Anchor
-loss, AdamW) in the settings `train` could run it in, each against today's (fp32, eager,
-channels_last, every core): bf16 autocast (emulated, and so not a candidate, on CPUs without
-AVX512-BF16 or AMX), contiguous tensors, `torch.compile` with its compile time spread over one
+loss, AdamW) in the settings `train` could run it in, each against fp32, eager, channels_last on
+every core: bf16 autocast with the depthwise convolutions in fp32 (`train.precision: bf16`;
+emulated, and so not a candidate, on CPUs without AVX512-BF16 or AMX) and with them in bf16 too,
+contiguous tensors, `torch.compile` with its compile time spread over one
 food10 epoch of steps (`train.compile`), and one thread.
 
 Run: python benchmarks/bench_train.py [--quick] [--batch 60] [--epoch-steps 56]
@@ -30,6 +31,7 @@ from siamese_cv.inference.embedder import to_tensor
 from siamese_cv.inference.hardware import cpu_has_fast_bf16
 from siamese_cv.models.backbones import get_backbone_spec
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
+from siamese_cv.training.depthwise import keep_depthwise_fp32
 from siamese_cv.training.losses import build_loss
 
 
@@ -51,11 +53,14 @@ def step_seconds(module, inputs, labels, bf16: bool, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def model_for(freeze: int, state) -> EmbeddingNet:
+def model_for(freeze: int, state, depthwise_fp32: bool = True) -> EmbeddingNet:
+    """Lite2 as `train` builds it: depthwise convolutions in fp32 under bf16 autocast."""
     backbone = get_backbone_spec("efficientnet_lite2").build()
     backbone.module.load_state_dict(state)
     model = EmbeddingNet(backbone, "linear", 512)
     model.freeze(freeze)
+    if depthwise_fp32:
+        keep_depthwise_fp32(model)
     return model.train().to(memory_format=torch.channels_last)
 
 
@@ -154,14 +159,24 @@ def step_settings(state, images, labels, steps: int, epoch_steps: int, bf16: boo
     _, today = profile_step(copy.deepcopy(rest), last, labels, False, steps)
     rows, notes = (
         [],
-        [f"today: fp32, eager, channels_last, {threads} threads: {today:.3f} s a step"],
+        [f"fp32, eager, channels_last, {threads} threads: {today:.3f} s a step"],
     )
 
     def row(name: str, seconds: float) -> None:
         rows.append(Row(name, labels.numel() / seconds, labels.numel() / today, "img/s"))
 
     _, emulated = profile_step(copy.deepcopy(rest), last, labels, True, 1 if not bf16 else steps)
-    row("bf16 autocast" + ("" if bf16 else " (emulated: no bf16 units)"), emulated)
+    row(
+        "bf16 autocast, depthwise in fp32" + ("" if bf16 else " (emulated: no bf16 units)"),
+        emulated,
+    )
+    if bf16:
+        plain = model_for(-3, state, depthwise_fp32=False)
+        plain.head = torch.nn.Identity()
+        row(
+            "bf16 autocast, depthwise too",
+            profile_step(plain.split_frozen()[1], last, labels, True, steps)[1],
+        )
     contiguous = copy.deepcopy(rest).to(memory_format=torch.contiguous_format)
     row(
         "contiguous tensors",

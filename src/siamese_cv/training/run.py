@@ -25,6 +25,7 @@ from siamese_cv.inference.hardware import resolve_device, resolve_precision, see
 from siamese_cv.models.ensemble import Ensemble, mean_of_normalised
 from siamese_cv.models.pretrained import load_pretrained, preprocessing_of
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing, save_checkpoint
+from siamese_cv.training.depthwise import keep_depthwise_fp32
 from siamese_cv.training.distributed import SINGLE, World
 from siamese_cv.training.feature_cache import PrefixCache
 from siamese_cv.training.feature_store import read_features
@@ -229,9 +230,11 @@ def _first_step(
 
 
 def _pretrained_model(params: Params) -> tuple[EmbeddingNet, dict[str, Any], list[str]]:
-    """A fresh network from the pretrained weights, frozen as `train.freeze` says."""
+    """A fresh network from the pretrained weights, frozen as `train.freeze` says, its depthwise
+    convolutions in fp32 when steps run under CPU bf16 autocast."""
     backbone, card = load_pretrained(paths.PRETRAINED)
     backbone.set_pooling(params.model.pooling)  # after the pretrained weights: GeM's p is new
     model = EmbeddingNet(backbone, params.model.head, params.model.embedding_dim)
     frozen = model.freeze(parse_freeze(params.train.freeze))
+    keep_depthwise_fp32(model)  # bf16 steps: their weight gradients are slow in bf16 on CPUs
     return model, card, frozen

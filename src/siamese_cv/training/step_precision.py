@@ -1,10 +1,10 @@
 """The precision of the training steps, chosen by timing them on this machine.
 
 `train.precision: auto` on a CPU with bf16 units (AVX512-BF16 or AMX) times a few steps of the
-trained part in fp32 and under bf16 autocast, on the run's own first batch, and keeps bf16 only
-when it is clearly faster: bf16 backward through depthwise convolutions has measured slower than
-fp32 even there (benchmarks/bench_train.py). Without those units bf16 is emulated, many times
-slower, and is not a candidate. On a GPU `auto` is bf16 (fp16 where it has no bf16), unmeasured.
+trained part in fp32 and under bf16 autocast (depthwise convolutions in fp32: depthwise.py), on
+the run's own first batch, and keeps bf16 only when it is clearly faster: how much it gains
+depends on the CPU and on how much of the trained part is depthwise (benchmarks/bench_train.py).
+Without those units bf16 is emulated, many times slower, and is not a candidate. On a GPU `auto` is bf16 (fp16 where it has no bf16), unmeasured.
 """
 
 from __future__ import annotations
