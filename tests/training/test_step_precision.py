@@ -23,9 +23,13 @@ class Recorder(torch.nn.Module):
         self.conv = torch.nn.Conv2d(8, 16, 3, padding=1)
         self.bn = torch.nn.BatchNorm2d(16)
         self.calls: list[bool] = []
+        self.weight_formats: list[bool] = []  # channels_last weights, per call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(torch.is_autocast_enabled("cpu"))
+        self.weight_formats.append(
+            self.conv.weight.is_contiguous(memory_format=torch.channels_last)
+        )
         return self.bn(self.conv(x)).mean(dim=(2, 3))
 
 
@@ -69,6 +73,8 @@ def test_the_precisions_take_turns_on_a_copy(monkeypatch, caplog) -> None:
     monkeypatch.setattr(step_precision.copy, "deepcopy", lambda m: m)  # watch the calls
     step_precision.step_seconds(copy, torch.randn(6, 8, 12, 12), (fp32, bf16))
     assert copy.calls == [False, True] * (TIMED_STEPS + 1)
+    # the weights are timed in the memory format training gives them, whatever they came in
+    assert copy.weight_formats == [fp32.channels_last, bf16.channels_last] * (TIMED_STEPS + 1)
 
 
 @pytest.mark.parametrize("fp32_s, bf16_s, kept", [(1.0, 0.8, "bf16"), (1.0, 0.9, "fp32")])

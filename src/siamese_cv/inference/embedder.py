@@ -105,8 +105,7 @@ class Embedder:
             self._session = _ort_session(self.model, prep, ort or OrtSettings())
             return
         self.precision = precision
-        memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
-        self.model = model.eval().to(precision.device, memory_format=memory_format)
+        self.model = model.eval().to(precision.device, memory_format=precision.memory_format)
 
     @torch.inference_mode()
     def embed_tensor(self, batch: torch.Tensor) -> np.ndarray:
@@ -117,8 +116,7 @@ class Embedder:
             out = torch.from_numpy(features)
         else:
             p = self.precision
-            memory_format = torch.channels_last if p.channels_last else torch.contiguous_format
-            batch = batch.to(p.device, non_blocking=True).contiguous(memory_format=memory_format)
+            batch = batch.to(p.device, non_blocking=True).contiguous(memory_format=p.memory_format)
             with p.autocast():
                 out = self.model(batch)
         out = out.float()

@@ -64,7 +64,6 @@ class Trainer:
         """Train one epoch of `steps`; returns each step's loss (this process's share of it)."""
         params, precision, world = settings.params, settings.precision, settings.world
         device = precision.device
-        memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
         train_labels = torch.as_tensor(train.labels, device=device)
         cached = self.features is not None
         self.model.train()
@@ -89,7 +88,9 @@ class Trainer:
                     batch = self.features[view.to(device), unique.to(device)]
                     emb = self.net(as_input(batch, precision))[inverse.to(device)]
                 else:
-                    out = self.net(images.to(device).contiguous(memory_format=memory_format))
+                    out = self.net(
+                        images.to(device).contiguous(memory_format=precision.memory_format)
+                    )
                     emb = out[inverse.to(device)]
             emb = emb.float()
             labels = train_labels[rows.to(device)]

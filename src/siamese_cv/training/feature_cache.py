@@ -166,5 +166,4 @@ def as_input(batch: torch.Tensor, precision: Precision) -> torch.Tensor:
         batch = batch.float()
     if batch.dim() != 4:
         return batch
-    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
-    return batch.contiguous(memory_format=memory_format)
+    return batch.contiguous(memory_format=precision.memory_format)

@@ -150,8 +150,7 @@ def _prepare(
     cross = world.distributed and params.cross_rank_negatives
     if cross:
         loss_fn, miner = distributed.cross_rank(loss_fn, miner)
-    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=precision.memory_format)
     views = params.augment_views if params.augment else 0
     parts = model.split_frozen()
     if (

@@ -67,12 +67,17 @@ def step_seconds(
 
     The precisions take turns step by step (after one warm-up each), so a shared machine's slow
     moments fall on all of them alike instead of on whichever was timed in that moment's block.
+    Each copy's weights are in its precision's memory format, as training puts them: oneDNN
+    reorders weights of the other format on every call, which would time a slower step.
     """
-    probe = copy.deepcopy(net).train()
+    probes = [
+        copy.deepcopy(net).train().to(memory_format=precision.memory_format)
+        for precision in precisions
+    ]
     inputs = [as_input(batch, precision) for precision in precisions]
     times: list[list[float]] = [[] for _ in precisions]
     for _ in range(TIMED_STEPS + 1):
-        for precision, x, timed in zip(precisions, inputs, times, strict=True):
+        for precision, probe, x, timed in zip(precisions, probes, inputs, times, strict=True):
             started = time.perf_counter()
             with precision.autocast():
                 out = probe(x)
