@@ -54,7 +54,7 @@ def step_seconds(module, inputs, labels, bf16: bool, steps: int) -> float:
 
 
 def model_for(freeze: int, state, depthwise_fp32: bool = True) -> EmbeddingNet:
-    """Lite2 as `train` builds it: depthwise convolutions in fp32 under bf16 autocast."""
+    """Lite2 as `train` builds it: trained depthwise convolutions in fp32 under bf16 autocast."""
     backbone = get_backbone_spec("efficientnet_lite2").build()
     backbone.module.load_state_dict(state)
     model = EmbeddingNet(backbone, "linear", 512)
@@ -147,11 +147,16 @@ def profile_step(rest, inputs, labels, bf16: bool, steps: int) -> tuple[float, f
     return times[0], sorted(times[2:])[steps // 2]
 
 
+def profile_parts(state, depthwise_fp32: bool = True) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The profile's (frozen prefix, trained rest): the last three stages, no head."""
+    model = model_for(-3, state, depthwise_fp32)
+    model.head = torch.nn.Identity()  # the profile's head: the pooled 1280-d features
+    return model.split_frozen()
+
+
 def step_settings(state, images, labels, steps: int, epoch_steps: int, bf16: bool) -> None:
     """Table 2: the profile's cached step in each setting against fp32 eager channels_last."""
-    model = model_for(-3, state)
-    model.head = torch.nn.Identity()  # the profile's head: the pooled 1280-d features
-    prefix, rest = model.split_frozen()
+    prefix, rest = profile_parts(state)
     with torch.no_grad():
         features = prefix.eval()(images).clone()
     last = features.contiguous(memory_format=torch.channels_last)
@@ -171,12 +176,8 @@ def step_settings(state, images, labels, steps: int, epoch_steps: int, bf16: boo
         emulated,
     )
     if bf16:
-        plain = model_for(-3, state, depthwise_fp32=False)
-        plain.head = torch.nn.Identity()
-        row(
-            "bf16 autocast, depthwise too",
-            profile_step(plain.split_frozen()[1], last, labels, True, steps)[1],
-        )
+        _, plain = profile_parts(state, depthwise_fp32=False)
+        row("bf16 autocast, depthwise too", profile_step(plain, last, labels, True, steps)[1])
     contiguous = copy.deepcopy(rest).to(memory_format=torch.contiguous_format)
     row(
         "contiguous tensors",

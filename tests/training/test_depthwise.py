@@ -41,6 +41,14 @@ def test_only_depthwise_convolutions_switch_to_fp32_under_cpu_bf16_autocast():
     assert [is_depthwise(m) for m in net] == [False, True, True, False]
 
 
+def test_frozen_depthwise_convolutions_stay_in_bf16():
+    """They compute no weight gradient, the slow part in bf16, so the switch leaves them."""
+    net, x = _mbconv(), torch.randn(2, 8, 15, 15)
+    net[1].weight.requires_grad_(False)
+    assert keep_depthwise_fp32(net) == 1
+    assert _dtypes(net, x) == [torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16]
+
+
 def test_a_switched_depthwise_convolution_computes_in_fp32_what_the_plain_one_computes():
     plain = _mbconv()
     switched = copy.deepcopy(plain)

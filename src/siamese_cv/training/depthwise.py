@@ -4,8 +4,10 @@ On CPUs oneDNN computes a depthwise convolution's weight gradient in bf16 severa
 than in fp32 (5x5 over 1,248 channels of a 60-photo batch on a Zen 4 with AVX512-BF16: 170 ms
 against 25 ms), while the 1x1 convolutions around it run about three times faster in bf16. A
 bf16 training step of an MBConv network is fastest with its depthwise convolutions in fp32
-(benchmarks/bench_train.py). The swap changes the modules' class, not their parameters, so
-state dicts, copies and the moving average are untouched; outside CPU autocast it does nothing.
+(benchmarks/bench_train.py). Only trained convolutions are switched: a frozen one computes no
+weight gradient, so bf16 stays its faster forward. The swap changes the modules' class, not their
+parameters, so state dicts, copies and the moving average are untouched; outside CPU autocast it
+does nothing.
 """
 
 from __future__ import annotations
@@ -36,14 +38,20 @@ def is_depthwise(module: nn.Module) -> bool:
 
 
 def keep_depthwise_fp32(network: nn.Module) -> int:
-    """Make every depthwise convolution in `network` run in fp32 under CPU autocast.
+    """Make every trained depthwise convolution in `network` run in fp32 under CPU autocast.
+
+    Call it after freezing: convolutions whose weights do not require gradients stay as they are.
 
     Returns:
         How many convolutions were switched (already switched ones are not counted again).
     """
     switched = 0
     for module in network.modules():
-        if is_depthwise(module) and not isinstance(module, _Fp32UnderCpuAutocast):
+        if (
+            is_depthwise(module)
+            and module.weight.requires_grad
+            and not isinstance(module, _Fp32UnderCpuAutocast)
+        ):
             module.__class__ = _fp32_class(type(module))
             switched += 1
     return switched

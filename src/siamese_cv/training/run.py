@@ -230,8 +230,8 @@ def _first_step(
 
 
 def _pretrained_model(params: Params) -> tuple[EmbeddingNet, dict[str, Any], list[str]]:
-    """A fresh network from the pretrained weights, frozen as `train.freeze` says, its depthwise
-    convolutions in fp32 when steps run under CPU bf16 autocast."""
+    """A fresh network from the pretrained weights, frozen as `train.freeze` says, its trained
+    depthwise convolutions in fp32 when steps run under CPU bf16 autocast."""
     backbone, card = load_pretrained(paths.PRETRAINED)
     backbone.set_pooling(params.model.pooling)  # after the pretrained weights: GeM's p is new
     model = EmbeddingNet(backbone, params.model.head, params.model.embedding_dim)

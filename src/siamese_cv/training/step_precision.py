@@ -4,7 +4,8 @@
 trained part in fp32 and under bf16 autocast (depthwise convolutions in fp32: depthwise.py), on
 the run's own first batch, and keeps bf16 only when it is clearly faster: how much it gains
 depends on the CPU and on how much of the trained part is depthwise (benchmarks/bench_train.py).
-Without those units bf16 is emulated, many times slower, and is not a candidate. On a GPU `auto` is bf16 (fp16 where it has no bf16), unmeasured.
+Without those units bf16 is emulated, many times slower, and is not a candidate. On a GPU
+`auto` is bf16 (fp16 where it has no bf16), unmeasured.
 """
 
 from __future__ import annotations
