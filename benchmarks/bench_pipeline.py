@@ -7,9 +7,10 @@ own `src/` first on the path). These `dvc repro` runs are timed there, one after
 1. from empty (the baseline the others are compared with);
 2. straight after, with nothing changed: DVC should only hash and skip;
 3. after `train.lr` is halved: train and what depends on it (export_gallery, index_gallery,
-   evaluate) rerun; download, preprocess, sample_triplets, features and baseline do not;
+   evaluate) rerun; download, preprocess, sample_triplets, features, prefix_maps, baseline and
+   copy_gallery do not;
 4. after `train.epochs` is raised by one (from the lr edit's state): sample_triplets draws the
-   steps again, then train and what follows; features still does not rerun.
+   steps again, then train and what follows; features and prefix_maps still do not rerun.
 
 Each stage prints "<stage>: done in X s", which gives the per-stage split of every run; which
 stages ran is read from DVC's own lines. Time to target, from run 1's `models/config.json`: how

@@ -12,8 +12,11 @@ try:  # `dvc repro` runs the `python` on PATH: without the venv, say what to do 
 except ModuleNotFoundError as missing:
     raise SystemExit(f"{missing}: run `source .venv/bin/activate` or `make repro`") from None
 
+import functools
 import logging
 from collections.abc import Sequence
+
+import numpy as np
 
 from siamese_cv.config.stage import run_stage, stage_params
 from siamese_cv.core import paths
@@ -21,42 +24,64 @@ from siamese_cv.evaluation import scoring
 from siamese_cv.evaluation.copy_detection import copy_detection_metrics, copy_queries, embed_copies
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
+from siamese_cv.inference.prefix_maps import from_maps_or_images, frozen_tail_embedder, ids_digest
 from siamese_cv.models.pretrained import load_pretrained, preprocessing_of
 from siamese_cv.models.siamese import EmbeddingNet
 
 log = logging.getLogger(__name__)
+
+STAGE = "baseline"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     params = stage_params(argv, __doc__)
     backbone, card = load_pretrained(paths.PRETRAINED)
     model = EmbeddingNet(backbone, "identity", backbone.feature_dim)
-    precision = resolve_precision(params.evaluate.precision, resolve_device("auto"))
-    embedder = Embedder(
-        model,
-        preprocessing_of(params.preprocess, card),
-        precision,
-        params.evaluate.batch_size,
-        engine=params.evaluate.engine,
+    settings, splits = params.evaluate, list(params.export.splits)
+    precision = resolve_precision(settings.precision, resolve_device("auto"))
+    prep = preprocessing_of(params.preprocess, card)
+
+    @functools.cache  # only when the stored prefix maps cannot stand in for the images
+    def embedder() -> Embedder:
+        return Embedder(model, prep, precision, settings.batch_size, engine=settings.engine)
+
+    tail = frozen_tail_embedder(
+        paths.PREFIX_MAPS, model, prep, precision, settings.batch_size, settings.engine, STAGE
     )
     test = scoring.load_test_set()
-    test_emb, _ = scoring.embed_splits(embedder, ["test"])
-    gallery_emb, gallery_labels = scoring.embed_splits(embedder, list(params.export.splits))
+    test_emb = from_maps_or_images(
+        tail,
+        "test",
+        {"ids": ids_digest(scoring.split_column(["test"], "id"))},
+        STAGE,
+        lambda: scoring.embed_splits(embedder(), ["test"])[0],
+    )
+    gallery_ids = ids_digest(scoring.split_column(splits, "id"))
+    gallery_emb = from_maps_or_images(
+        tail,
+        "gallery",
+        {"ids": gallery_ids},
+        STAGE,
+        lambda: scoring.embed_splits(embedder(), splits)[0],
+    )
+    gallery_labels = np.asarray(scoring.split_column(splits, "label"), np.int64)
     scores = scoring.score_embeddings(
-        test_emb, test, gallery_emb, gallery_labels, params.evaluate.recall_at
+        test_emb, test, gallery_emb, gallery_labels, settings.recall_at
     )
     # the backbone it started from, alone: its one embedding answers the copy question too
-    copies = copy_queries(
-        scoring.split_images(list(params.export.splits)), params.copies.queries, params.copies.seed
-    )
+    copies = copy_queries(scoring.split_images(splits), params.copies.queries, params.copies.seed)
     found = None
     if copies:
+        about = {"gallery_ids": gallery_ids, "queries": params.copies.queries}
+        embedded = from_maps_or_images(
+            tail,
+            "copies",
+            {**about, "seed": params.copies.seed},
+            STAGE,
+            lambda: embed_copies(embedder(), copies, f"{STAGE}: copies"),
+        )
         found = copy_detection_metrics(
-            embed_copies(embedder, copies, "baseline: copies"),
-            [c.source for c in copies],
-            [c.edit for c in copies],
-            test_emb,
-            gallery_emb,
+            embedded, [c.source for c in copies], [c.edit for c in copies], test_emb, gallery_emb
         )
     figures = scoring.write_scores(scores, paths.METRICS / "baseline.json", found)
     log.info(

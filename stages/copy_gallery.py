@@ -18,10 +18,13 @@ from collections.abc import Sequence
 from siamese_cv.config.stage import run_stage, stage_params
 from siamese_cv.core import paths
 from siamese_cv.evaluation.copy_calibration import calibrate_margin
+from siamese_cv.inference.prefix_maps import from_maps_or_images, frozen_tail_embedder, ids_digest
 from siamese_cv.retrieval.copies import CopyRule, copy_embedder, write_copy_gallery
-from siamese_cv.retrieval.gallery_export import embed_splits_in_order
+from siamese_cv.retrieval.gallery_export import embed_splits_in_order, gallery_rows
 
 log = logging.getLogger(__name__)
+
+STAGE = "copy_gallery"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +33,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     embedder, card, name = copy_embedder(
         paths.PRETRAINED, params.preprocess, export.engine, export.precision, export.batch_size
     )
-    rows, vectors = embed_splits_in_order(embedder, list(export.splits), "copy_gallery")
+    splits = list(export.splits)
+    rows = gallery_rows(splits)
+    tail = frozen_tail_embedder(
+        paths.PREFIX_MAPS,
+        embedder.model,
+        embedder.prep,
+        embedder.precision,
+        export.batch_size,
+        export.engine,
+        STAGE,
+    )
+    vectors = from_maps_or_images(
+        tail,
+        "gallery",
+        {"ids": ids_digest(rows.ids)},
+        STAGE,
+        lambda: embed_splits_in_order(embedder, splits, STAGE)[1],
+    )
     margin, chosen = calibrate_margin(
         embedder, name, vectors, rows.splits, paths.PROCESSED, params.copies
     )

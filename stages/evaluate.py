@@ -11,8 +11,9 @@ try:  # `dvc repro` runs the `python` on PATH: without the venv, say what to do 
 except ModuleNotFoundError as missing:
     raise SystemExit(f"{missing}: run `source .venv/bin/activate` or `make repro`") from None
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from siamese_cv.config.stage import run_stage, stage_params
 from siamese_cv.core import paths
@@ -24,33 +25,52 @@ from siamese_cv.evaluation.copy_detection import copy_detection_metrics, copy_qu
 from siamese_cv.evaluation.report import write_figures
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
+from siamese_cv.inference.prefix_maps import (
+    TailEmbedder,
+    from_maps_or_images,
+    frozen_tail_embedder,
+    ids_digest,
+    tail_embedder,
+)
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint
-from siamese_cv.retrieval.copies import copy_embedder_of, load_copy_gallery
+from siamese_cv.retrieval.copies import copy_descriptor_of, load_copy_gallery
 from siamese_cv.retrieval.gallery import load_gallery
 from siamese_cv.retrieval.index import top_k
 
 log = logging.getLogger(__name__)
 
+STAGE = "evaluate"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     params = stage_params(argv, __doc__)
     model, config = load_checkpoint(paths.MODEL)
-    precision = resolve_precision(params.evaluate.precision, resolve_device("auto"))
-    embedder = Embedder(
-        model,
-        Preprocessing.from_dict(config["preprocessing"]),
-        precision,
-        params.evaluate.batch_size,
-        engine=params.evaluate.engine,
+    settings = params.evaluate
+    precision = resolve_precision(settings.precision, resolve_device("auto"))
+
+    @functools.cache  # only when the stored prefix maps cannot stand in for the images
+    def embedder() -> Embedder:
+        prep = Preprocessing.from_dict(config["preprocessing"])
+        return Embedder(model, prep, precision, settings.batch_size, engine=settings.engine)
+
+    tail = tail_embedder(
+        paths.PREFIX_MAPS, model, config, precision, settings.batch_size, settings.engine, STAGE
     )
     test = scoring.load_test_set()
-    test_emb, _ = scoring.embed_splits(embedder, ["test"])
+    test_ids = ids_digest(scoring.split_column(["test"], "id"))
+    test_emb = from_maps_or_images(
+        tail,
+        "test",
+        {"ids": test_ids},
+        STAGE,
+        lambda: scoring.embed_splits(embedder(), ["test"])[0],
+    )
     gallery = load_gallery(paths.GALLERY)
     scores = scoring.score_embeddings(
         test_emb, test, gallery.vectors, gallery.labels, params.evaluate.recall_at
     )
     gallery_images = _gallery_images(gallery)
-    found = _copy_search(params, embedder, gallery, gallery_images, test_emb)
+    found = _copy_search(params, embedder, tail, gallery, gallery_images, test_emb, test_ids)
     figures = scoring.write_scores(scores, paths.TEST_METRICS, found)
     test_images = (
         read_table(paths.PROCESSED / "test.parquet", ["image"]).column("image").to_pylist()
@@ -75,7 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _copy_search(
-    params, embedder: Embedder, gallery, gallery_images: list[bytes], test_emb
+    params,
+    embedder: Callable[[], Embedder],
+    tail: TailEmbedder | None,
+    gallery,
+    gallery_images: list[bytes],
+    test_emb,
+    test_ids: str,
 ) -> dict | None:
     """Copy detection as the search answers it: the copy descriptor (data/copies) flags copies,
     shown first; any other query shows the trained embedding's best photo first."""
@@ -86,12 +112,33 @@ def _copy_search(
     if copy_gallery is None:
         raise UserError(f"{paths.COPIES}: no copy gallery there; run `dvc repro copy_gallery`")
     sources, edits = [c.source for c in copies], [c.edit for c in copies]
-    trained = embed_copies(embedder, copies, "evaluate: copies, trained model")
+    about = {
+        "gallery_ids": ids_digest(gallery.ids),
+        "queries": params.copies.queries,
+        "seed": params.copies.seed,
+    }
+    trained = from_maps_or_images(
+        tail, "copies", about, STAGE, lambda: embed_copies(embedder(), copies, f"{STAGE}: copies")
+    )
     similar_first = top_k(gallery.vectors, trained, 1)[0][:, 0]
-    describer = copy_embedder_of(copy_gallery, paths.PRETRAINED, params.evaluate.batch_size)
-    described = embed_copies(describer, copies, "evaluate: copies, copy descriptor")
-    distractors = describer.embed_parquet(
-        paths.PROCESSED / "test.parquet", progress="evaluate: test, copy descriptor"
+    network, prep, precision, engine = copy_descriptor_of(copy_gallery, paths.PRETRAINED)
+    batch = params.evaluate.batch_size
+    name = f"{STAGE}: copy descriptor"
+    frozen = frozen_tail_embedder(paths.PREFIX_MAPS, network, prep, precision, batch, engine, name)
+
+    @functools.cache
+    def describer() -> Embedder:
+        return Embedder(network, prep, precision, batch, engine=engine)
+
+    described = from_maps_or_images(
+        frozen, "copies", about, name, lambda: embed_copies(describer(), copies, f"{name}: copies")
+    )
+    distractors = from_maps_or_images(
+        frozen,
+        "test",
+        {"ids": test_ids},
+        name,
+        lambda: describer().embed_parquet(paths.PROCESSED / "test.parquet", f"{name}: test"),
     )
     alone = copy_detection_metrics(trained, sources, edits, test_emb, gallery.vectors)
     found = copy_detection_metrics(

@@ -27,6 +27,7 @@ STAGES = [
     "preprocess",
     "sample_triplets",
     "features",
+    "prefix_maps",
     "train",
     "baseline",
     "export_gallery",
@@ -103,6 +104,21 @@ def apply_params(root: Path, settings: Mapping[str, str]) -> subprocess.Complete
         "apply",
         *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")],
     )
+
+
+def stage_status(root: Path) -> set[str]:
+    """The stages `dvc status` names as changed."""
+    status = run(root, "dvc", "status").stdout
+    return {line.split(":")[0] for line in status.splitlines() if line and not line[0].isspace()}
+
+
+def status_after(root: Path, settings: Mapping[str, str]) -> set[str]:
+    """The stages `dvc status` names after `settings` are applied; params.yaml is restored."""
+    try:
+        apply_params(root, settings)
+        return stage_status(root)
+    finally:
+        run(root, "git", "checkout", "params.yaml")
 
 
 def commit(root: Path) -> None:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from pipeline_project import apply_params, copy_photos, make_project, ran, run
+from pipeline_project import apply_params, copy_photos, make_project, ran, run, status_after
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -50,11 +50,6 @@ def project(tmp_path_factory):
     return root
 
 
-def stage_status(root) -> set[str]:
-    status = run(root, "dvc", "status").stdout
-    return {line.split(":")[0] for line in status.splitlines() if line and not line[0].isspace()}
-
-
 def test_the_stage_stores_every_view_and_validation_size_memory_mapped(project):
     card = json.loads((project / "data/features/card.json").read_text())
     assert card["cached"] and card["views"] == 3 and card["validation_sizes"] == [64, 96]
@@ -91,21 +86,13 @@ def test_training_from_stored_features_gives_the_in_memory_cache_weights(project
 
 @pytest.mark.parametrize(("key", "value"), list(FEATURE_EDITS.items()))
 def test_an_edit_of_what_changes_the_features_reruns_the_stage(project, key, value):
-    try:
-        apply_params(project, {key: value})
-        assert "features" in stage_status(project), key
-    finally:
-        run(project, "git", "checkout", "params.yaml")
+    assert "features" in status_after(project, {key: value}), key
 
 
 @pytest.mark.parametrize(("key", "value"), list(TRAINING_EDITS.items()))
 def test_an_edit_of_training_alone_reruns_train_not_the_features(project, key, value):
-    try:
-        apply_params(project, {key: value})
-        status = stage_status(project)
-        assert "features" not in status and "train" in status, (key, status)
-    finally:
-        run(project, "git", "checkout", "params.yaml")
+    status = status_after(project, {key: value})
+    assert "features" not in status and "train" in status, (key, status)
 
 
 def test_a_train_lr_edit_reruns_train_and_what_follows_only(project):

@@ -133,7 +133,8 @@ def test_a_code_edit_reruns_the_stages_that_run_that_code(project):
     finally:
         module.write_text(code)
     changed = {s for s in STAGES if f"{s}:" in status}
-    touched = {"download", "features", "train", "baseline", "export_gallery", "copy_gallery"}
+    touched = {"download", "features", "prefix_maps", "train", "baseline", "export_gallery"}
+    touched |= {"copy_gallery"}
     assert changed == touched | {"evaluate"}, status
 
 
@@ -182,8 +183,9 @@ def test_inference_sizes_reach_the_gallery_and_a_search_query(project):
 
     run(project, "siamese-params", "apply", "--set", "model.inference_sizes=[64, 96]")
     out = run(project, "dvc", "repro").stdout
-    # features: validation is cached at every inference size (nothing here: no frozen stage)
-    assert ran(out) == {"features", "train", "export_gallery", "index_gallery", "evaluate"}, out
+    # features and prefix_maps: stored at every inference size (nothing here: no frozen stage)
+    stages = {"features", "prefix_maps", "train", "export_gallery", "index_gallery", "evaluate"}
+    assert ran(out) == stages, out
     config = json.loads((project / "models/config.json").read_text())
     assert config["preprocessing"]["input_sizes"] == [64, 96]
     meta = json.loads((project / "data/gallery/meta.json").read_text())
@@ -222,7 +224,8 @@ def test_an_ensemble_trains_each_member_and_embeds_with_their_mean(project):
     run(project, "siamese-params", "apply", *[a for s in settings for a in ("--set", s)])
     out = run(project, "dvc", "repro").stdout
     assert ran(out) == {
-        "sample_triplets", "features", "train", "export_gallery", "index_gallery", "evaluate"
+        "sample_triplets", "features", "prefix_maps", "train", "export_gallery", "index_gallery",
+        "evaluate",
     }, out  # fmt: skip
     params = load_params(project / "params.yaml")
     epochs = pq.read_table(project / "data/triplets/train.parquet").column("epoch").to_numpy()

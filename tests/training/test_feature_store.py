@@ -85,14 +85,14 @@ def test_a_write_that_fails_midway_keeps_the_last_complete_features(tmp_path, mo
     stored = cache()
     write_features(tmp_path / "features", stored, card_for(stored))
     before = {p.name: p.read_bytes() for p in (tmp_path / "features").iterdir()}
-    saved = feature_store._save
+    saved = feature_store.save_tensor
 
     def fail_on_validation(path, tensor):
         if path.name.startswith("validation"):
             raise OSError("disk full")
         saved(path, tensor)
 
-    monkeypatch.setattr(feature_store, "_save", fail_on_validation)
+    monkeypatch.setattr(feature_store, "save_tensor", fail_on_validation)
     with pytest.raises(OSError):
         write_features(tmp_path / "features", cache(torch.bfloat16), card_for(stored))
     after = {p.name: p.read_bytes() for p in (tmp_path / "features").iterdir()}

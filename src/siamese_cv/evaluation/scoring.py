@@ -98,15 +98,18 @@ def embed_splits(
     return np.concatenate(vectors), np.concatenate(labels)
 
 
+def split_column(splits: list[str], column: str, processed: Path = paths.PROCESSED) -> list:
+    """One column of several processed splits, concatenated in order (as `embed_splits`)."""
+    return [
+        value
+        for split in splits
+        for value in read_table(processed / f"{split}.parquet", [column]).column(column).to_pylist()
+    ]
+
+
 def split_images(splits: list[str], processed: Path = paths.PROCESSED) -> list[bytes]:
     """The stored photos of several processed splits, concatenated in order (as `embed_splits`)."""
-    return [
-        image
-        for split in splits
-        for image in read_table(processed / f"{split}.parquet", ["image"])
-        .column("image")
-        .to_pylist()
-    ]
+    return split_column(splits, "image", processed)
 
 
 def headline(scores: dict[str, Any]) -> dict[str, float]:

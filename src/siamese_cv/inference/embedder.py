@@ -76,6 +76,8 @@ class Embedder:
         engine: `torch`, or `onnxruntime` (the model exported to ONNX, run by ONNX Runtime
             with as many threads as torch would use).
         ort: the onnxruntime session's settings (default: `OrtSettings()`).
+        input_shape: what `model` takes without the batch, when not a [3, size, size] image
+            (a feature map, for the part after a frozen prefix); only the ONNX export needs it.
 
     Raises:
         UserError: the onnxruntime engine without the onnxruntime or onnxscript package.
@@ -90,6 +92,7 @@ class Embedder:
         normalize: bool = True,
         engine: str = "torch",
         ort: OrtSettings | None = None,
+        input_shape: tuple[int, ...] | None = None,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
@@ -102,7 +105,8 @@ class Embedder:
         if engine == "onnxruntime":
             self.precision = Precision(torch.device("cpu"), None, channels_last=False)
             self.model = model.eval().to("cpu")
-            self._session = _ort_session(self.model, prep, ort or OrtSettings())
+            shape = input_shape or prep.image_size
+            self._session = _ort_session(self.model, shape, ort or OrtSettings())
             return
         self.precision = precision
         self.model = model.eval().to(precision.device, memory_format=precision.memory_format)
@@ -240,7 +244,7 @@ class OrtSettings:
     optimization: str = "all"  # all | extended | basic | disabled
 
 
-def _ort_session(model: nn.Module, prep: Preprocessing, settings: OrtSettings):
+def _ort_session(model: nn.Module, shape: int | tuple[int, ...], settings: OrtSettings):
     """`model` exported to ONNX (or its cached export) in an fp32 CPU inference session."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
@@ -256,7 +260,7 @@ def _ort_session(model: nn.Module, prep: Preprocessing, settings: OrtSettings):
         "basic": level.ORT_ENABLE_BASIC,
         "disabled": level.ORT_DISABLE_ALL,
     }[settings.optimization]
-    with exported(model, prep.image_size) as path:
+    with exported(model, shape) as path:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -47,7 +47,7 @@ def cache_dir() -> Path | None:
     return Path(base) / "siamese-cv" / "onnx"
 
 
-def export_key(model: nn.Module, image_size: int) -> str:
+def export_key(model: nn.Module, image_size: int | tuple[int, ...]) -> str:
     """A hash of what the exported graph depends on (see the module docstring)."""
     digest = hashlib.sha256()
     versions = [_version(name) for name in ("torch", "timm", "onnx", "onnxscript")]
@@ -77,8 +77,11 @@ def source_of(cls: type) -> str:
 
 
 @contextlib.contextmanager
-def exported(model: nn.Module, image_size: int) -> Iterator[Path]:
+def exported(model: nn.Module, image_size: int | tuple[int, ...]) -> Iterator[Path]:
     """An ONNX file of `model` (input `images` [batch, 3, size, size] -> `features`).
+
+    `image_size` may instead be a whole input shape without the batch, e.g. a feature map's
+    (channels, height, width) for the part of a network after its frozen prefix.
 
     Yields a cached file when there is one, else exports (and caches it when the cache can be
     written). Only valid inside the `with` block when the cache cannot be written.
@@ -99,8 +102,9 @@ def exported(model: nn.Module, image_size: int) -> Iterator[Path]:
         yield _keep(fresh, path) if path is not None else fresh
 
 
-def _export(model: nn.Module, image_size: int, path: Path) -> None:
-    example = torch.zeros(2, 3, image_size, image_size)
+def _export(model: nn.Module, image_size: int | tuple[int, ...], path: Path) -> None:
+    shape = image_size if isinstance(image_size, tuple) else (3, image_size, image_size)
+    example = torch.zeros(2, *shape)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's notices, not the user's concern

@@ -124,13 +124,39 @@ def copy_embedder(pretrained: Path, size: Any, engine: str, precision: str, batc
         engine, precision: as export.engine and export.precision (or a gallery's record).
     """
     from siamese_cv.inference.embedder import Embedder
+
+    model, card, name, prep, resolved = _descriptor(pretrained, size, precision)
+    return Embedder(model, prep, resolved, batch_size, engine=engine), card, name
+
+
+def _descriptor(pretrained: Path, size: Any, precision: str):
+    """(network, pretrained card, name, its `Preprocessing`, its resolved `Precision`)."""
     from siamese_cv.inference.hardware import resolve_device, resolve_precision
     from siamese_cv.models.pretrained import preprocessing_of
 
     model, card, name = copy_descriptor(pretrained)
     resolved = resolve_precision(precision, resolve_device("auto"))
-    prep = preprocessing_of(size, card)
-    return Embedder(model, prep, resolved, batch_size, engine=engine), card, name
+    return model, card, name, preprocessing_of(size, card), resolved
+
+
+def copy_descriptor_of(copies: CopyGallery, pretrained: Path):
+    """The network that made `copies` and how it ran: (network, `Preprocessing`, `Precision`,
+    engine), to embed queries alike.
+
+    Raises:
+        UserError: models/pretrained now holds other weights than the ones that made it.
+    """
+    from siamese_cv.models.siamese import Preprocessing
+
+    meta = copies.meta
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    model, card, _, prep, resolved = _descriptor(pretrained, prep, meta["precision"])
+    if card["fingerprint"] != meta["pretrained_fingerprint"]:
+        raise UserError(
+            f"{pretrained} holds other weights than the copy gallery's; "
+            "run `dvc repro copy_gallery`"
+        )
+    return model, prep, resolved, meta["engine"]
 
 
 def copy_embedder_of(
@@ -141,19 +167,10 @@ def copy_embedder_of(
     Raises:
         UserError: models/pretrained now holds other weights than the ones that made it.
     """
-    from siamese_cv.models.siamese import Preprocessing
+    from siamese_cv.inference.embedder import Embedder
 
-    meta = copies.meta
-    prep = Preprocessing.from_dict(meta["preprocessing"])
-    embedder, card, _ = copy_embedder(
-        pretrained, prep, engine or meta["engine"], meta["precision"], batch_size
-    )
-    if card["fingerprint"] != meta["pretrained_fingerprint"]:
-        raise UserError(
-            f"{pretrained} holds other weights than the copy gallery's; "
-            "run `dvc repro copy_gallery`"
-        )
-    return embedder
+    model, prep, precision, made_with = copy_descriptor_of(copies, pretrained)
+    return Embedder(model, prep, precision, batch_size, engine=engine or made_with)
 
 
 def write_copy_gallery(directory: Path, rows: Any, vectors: np.ndarray, meta: dict) -> None:

@@ -20,11 +20,14 @@ from siamese_cv.data.parquet import read_table
 from siamese_cv.data.preprocessing import available_cores
 from siamese_cv.inference.embedder import Embedder, import_onnxruntime
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
+from siamese_cv.inference.prefix_maps import ids_digest, tail_embedder
 from siamese_cv.models.siamese import Preprocessing, load_checkpoint
 from siamese_cv.retrieval.gallery import Gallery, gallery_table, write_gallery
 from siamese_cv.retrieval.gallery_shards import export_worker, run_export_shards
 
 log = logging.getLogger(__name__)
+
+STAGE = "export_gallery"
 
 
 def gallery_card(export: Any, config: dict[str, Any]) -> dict[str, Any]:
@@ -43,9 +46,14 @@ def gallery_card(export: Any, config: dict[str, Any]) -> dict[str, Any]:
     return card if export.engine == "torch" else {**card, "engine": export.engine}
 
 
-def _embedder(export: Any, threads: int | None = None) -> tuple[Embedder, dict[str, Any]]:
-    """The trained model's embedder under `export`'s settings, and the model's config."""
-    model, config = load_checkpoint(paths.MODEL)
+def _embedder(
+    export: Any, threads: int | None = None, checkpoint: tuple[Any, dict] | None = None
+) -> tuple[Embedder, dict[str, Any]]:
+    """The trained model's embedder under `export`'s settings, and the model's config.
+
+    `checkpoint`: the (model, config) already loaded, else read from models/.
+    """
+    model, config = checkpoint or load_checkpoint(paths.MODEL)
     precision = resolve_precision(export.precision, resolve_device("auto"))
     if threads is not None and (precision.device.type == "cpu" or export.engine != "torch"):
         torch.set_num_threads(threads)  # the cores are shared by the running workers
@@ -54,15 +62,29 @@ def _embedder(export: Any, threads: int | None = None) -> tuple[Embedder, dict[s
 
 
 def export_in_process(export: Any) -> tuple[int, int]:
-    """Embed every split in this process and write the gallery; returns vector count and dim."""
-    embedder, config = _embedder(export)
-    rows, matrix = embed_splits_in_order(embedder, export.splits, "export_gallery")
+    """Embed every split in this process and write the gallery; returns vector count and dim.
+
+    Where data/prefix_maps holds the frozen prefix's maps of these photos, only the trained
+    rest runs (`inference/prefix_maps.py`); else the images are embedded.
+    """
+    model, config = load_checkpoint(paths.MODEL)
+    precision = resolve_precision(export.precision, resolve_device("auto"))
+    tail = tail_embedder(
+        paths.PREFIX_MAPS, model, config, precision, export.batch_size, export.engine, STAGE
+    )
+    rows = gallery_rows(export.splits)
+    if tail is not None and tail.covers("gallery", {"ids": ids_digest(rows.ids)}, STAGE):
+        matrix, precision_name = tail.embed("gallery", f"{STAGE}: gallery"), tail.precision_name
+    else:
+        embedder, config = _embedder(export, checkpoint=(model, config))
+        rows, matrix = embed_splits_in_order(embedder, export.splits, STAGE)
+        precision_name = embedder.precision.name
     count, dim = (int(n) for n in matrix.shape)
     meta = {
         **gallery_card(export, config),
         "count": count,
         "dim": dim,
-        "precision": embedder.precision.name,
+        "precision": precision_name,
     }
     table = gallery_table(rows.ids, rows.splits, rows.labels, rows.label_names, matrix)
     write_gallery(paths.GALLERY, table, meta)
@@ -76,17 +98,23 @@ def embed_splits_in_order(
 
     The order is the gallery's: the splits in turn, each in its parquet order.
     """
-    ids, split_of, labels, names, vectors = [], [], [], [], []
+    vectors = [
+        embedder.embed_parquet(paths.PROCESSED / f"{split}.parquet", progress=f"{stage}: {split}")
+        for split in splits
+    ]
+    return gallery_rows(splits), np.concatenate(vectors)
+
+
+def gallery_rows(splits: list[str]) -> Gallery:
+    """A gallery's rows (ids, splits, labels; no vectors) in its order: the splits in turn."""
+    ids, split_of, labels, names = [], [], [], []
     for split in splits:
-        path = paths.PROCESSED / f"{split}.parquet"
-        table = read_table(path, ["id", "label", "label_name"])
-        vectors.append(embedder.embed_parquet(path, progress=f"{stage}: {split}"))
+        table = read_table(paths.PROCESSED / f"{split}.parquet", ["id", "label", "label_name"])
         ids += table.column("id").to_pylist()
         split_of += [split] * table.num_rows
         labels.append(table.column("label").to_numpy())
         names += table.column("label_name").to_pylist()
-    rows = Gallery(ids, split_of, np.concatenate(labels), names, np.empty((0, 0)), {})
-    return rows, np.concatenate(vectors)
+    return Gallery(ids, split_of, np.concatenate(labels), names, np.empty((0, 0)), {})
 
 
 def export_as_worker(export: Any, key: str, threads: int) -> None:

@@ -4,27 +4,25 @@ They depend on the pretrained weights, the frozen stages, the augmented views an
 the sizes and the inference engine, but not on anything that only changes training (learning
 rate, loss, epochs, members), so an edit of those reruns train alone and reads them back.
 
-On disk: one `.npy` per tensor (numpy's own format, no pickle), memory-mapped when read, and
-`card.json`, which says what made them, so train can refuse features made for other settings.
-bf16 tensors are stored as their raw 16 bits (numpy has no bf16).
+On disk: one `.npy` per tensor (`data/arrays.py`), memory-mapped when read, and `card.json`,
+which says what made them, so train can refuse features made for other settings.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from siamese_cv.config.params import Params, every_inference_size, parse_freeze
 from siamese_cv.core import paths
 from siamese_cv.core.atomic import atomic_path, read_json, write_json
 from siamese_cv.core.errors import UserError
+from siamese_cv.data.arrays import load_tensor, save_tensor
 from siamese_cv.inference.hardware import resolve_device, resolve_precision, seed_everything
 from siamese_cv.models.pretrained import load_pretrained, preprocessing_of
 from siamese_cv.models.siamese import EmbeddingNet
@@ -106,9 +104,9 @@ def write_features(folder: Path, cache: PrefixCache | None, card: dict[str, Any]
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         if cache is not None:
-            _save(tmp / TRAIN_FILE, cache.train)
+            save_tensor(tmp / TRAIN_FILE, cache.train)
             for size, tensor in cache.validation.items():
-                _save(tmp / f"validation_{size}.npy", tensor)
+                save_tensor(tmp / f"validation_{size}.npy", tensor)
         written = sum(f.stat().st_size for f in tmp.iterdir())
         write_json(tmp / CARD, {**card, "bytes": written})
     return written
@@ -151,8 +149,8 @@ def read_features(
             f"{folder}: made for other settings: {', '.join(stale)}; run `dvc repro features`"
         )
     dtype = getattr(torch, card["dtype"])
-    train_views = _load(folder / TRAIN_FILE, dtype, device)
-    validation = {s: _load(folder / f"validation_{s}.npy", dtype, device) for s in sizes}
+    train_views = load_tensor(folder / TRAIN_FILE, dtype, device)
+    validation = {s: load_tensor(folder / f"validation_{s}.npy", dtype, device) for s in sizes}
     log.info(
         "train: read the frozen prefix's outputs from %s: %d training images x %d views "
         "(%.0f MiB, memory-mapped)",
@@ -162,19 +160,3 @@ def read_features(
         card["bytes"] / 2**20,
     )
     return PrefixCache(train_views, validation, card["views"])
-
-
-def _save(path: Path, tensor: torch.Tensor) -> None:
-    tensor = tensor.detach().cpu().contiguous()
-    array = tensor.view(torch.uint16).numpy() if tensor.dtype is torch.bfloat16 else tensor.numpy()
-    np.save(path, array, allow_pickle=False)
-
-
-def _load(path: Path, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-    with warnings.catch_warnings():  # read-only is what we want: nothing writes to the cache
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        tensor = torch.from_numpy(array)
-    if dtype is torch.bfloat16:
-        tensor = tensor.view(torch.bfloat16)
-    return tensor if device.type == "cpu" else tensor.to(device)
