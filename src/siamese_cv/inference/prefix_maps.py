@@ -100,15 +100,16 @@ def write_prefix_maps(
         at = replace(prep, input_sizes=() if size == prep.image_size else (size,))
         return Embedder(prefix, at, precision, batch_size, normalize=False, engine=engine)
 
-    extractors = {size: extractor(size) for size in sizes}
-    per_photo = {size: _map_bytes(prefix, size, precision.device) for size in sizes}
+    per_photo = {size: map_bytes(prefix, size, precision.device) for size in sizes}
     needed = sum(s.count for s in sets) * sum(per_photo.values())
+    # over the budget nothing runs: the card alone says why (the extractors' exports cost seconds)
+    extractors = {size: extractor(size) for size in sizes} if needed <= BUDGET_BYTES else {}
     card: dict[str, Any] = {
         **about,
         "prefix_fingerprint": fingerprint,
         "preprocessing": _setting(prep),
         "engine": engine,
-        "precision": extractors[sizes[0]].precision.name,
+        "precision": _stored_precision(engine, precision),
         "sizes": list(sizes),
         "sets": {s.name: {"count": s.count, **s.about} for s in sets},
     }
@@ -136,10 +137,16 @@ def write_prefix_maps(
     return card
 
 
-def _map_bytes(prefix: nn.Module, size: int, device: torch.device) -> int:
+def _stored_precision(engine: str, precision: Precision) -> str:
+    """The precision `engine` computes in: the onnxruntime engine runs fp32 (`Embedder`)."""
+    return "fp32" if engine == "onnxruntime" else precision.name
+
+
+def map_bytes(prefix: nn.Module, size: int, device: torch.device, itemsize: int = 4) -> int:
+    """Bytes of `prefix`'s output for one photo at `size` px, its values `itemsize` bytes each."""
     with torch.inference_mode():
         sample = prefix.eval()(torch.zeros(1, 3, size, size, device=device))
-    return sample.numel() * 4
+    return sample.numel() * itemsize
 
 
 @dataclass
@@ -170,8 +177,7 @@ class TailEmbedder:
         self.folder, self.card, self.tails = folder, card, tails
         self.prep, self.batch_size, self.engine = prep, batch_size, engine
         self.precision = precision
-        # what the gallery's card records: the onnxruntime engine runs fp32
-        self.precision_name = "fp32" if engine == "onnxruntime" else precision.name
+        self.precision_name = _stored_precision(engine, precision)  # for the gallery's card
         self._embedders: dict[tuple[int, int], Embedder] = {}
 
     def covers(self, name: str, about: dict[str, Any], stage: str) -> bool:
@@ -252,7 +258,10 @@ def tail_embedder(
     else:
         members = [(model, tuple(prep.input_sizes))]
     n_frozen = parse_freeze(config.get("train", {}).get("freeze", "none"))
-    return _tail_embedder(folder, members, n_frozen, prep, precision, batch_size, engine, stage)
+    card = _card(folder)
+    return _tail_embedder(
+        folder, card, members, n_frozen, prep, precision, batch_size, engine, stage
+    )
 
 
 def frozen_tail_embedder(
@@ -269,7 +278,9 @@ def frozen_tail_embedder(
     card = _card(folder)
     n_frozen = card.get("frozen_stages") if card else None
     members = [(network, tuple(prep.input_sizes))]
-    return _tail_embedder(folder, members, n_frozen, prep, precision, batch_size, engine, stage)
+    return _tail_embedder(
+        folder, card, members, n_frozen, prep, precision, batch_size, engine, stage
+    )
 
 
 def from_maps_or_images(
@@ -296,6 +307,7 @@ def _refuse(stage: str, why: str) -> None:
 
 def _tail_embedder(
     folder: Path,
+    card: dict[str, Any] | None,
     members: list[tuple[nn.Module, Sequence[int]]],
     n_frozen: int | None,
     prep: Preprocessing,
@@ -304,7 +316,6 @@ def _tail_embedder(
     engine: str,
     stage: str,
 ) -> TailEmbedder | None:
-    card = _card(folder)
     if card is None:
         return None
     why = _mismatch(card, prep, engine, precision)
@@ -335,7 +346,7 @@ def _mismatch(card: dict[str, Any], prep: Preprocessing, engine: str, precision:
         return card.get("why", "none stored")
     if card["engine"] != engine:
         return f"made with engine {card['engine']}, this stage runs {engine}"
-    ran = "fp32" if engine == "onnxruntime" else precision.name
+    ran = _stored_precision(engine, precision)
     if card["precision"] != ran:
         return f"made in {card['precision']}, this stage runs {ran}"
     if card["preprocessing"] != _setting(prep):

@@ -18,6 +18,7 @@ import torch
 
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import Precision
+from siamese_cv.inference.prefix_maps import map_bytes
 from siamese_cv.models.siamese import Preprocessing
 from siamese_cv.training.batches import VIEW_CHOICE, augmented_batches, stream_seed
 from siamese_cv.training.settings import SplitImages
@@ -69,9 +70,7 @@ def cache_frozen_prefix(
 
     @functools.cache  # the stored size is usually also an inference size
     def bytes_per_image(size: int) -> int:
-        with torch.inference_mode():
-            sample = prefix.eval()(torch.zeros(1, 3, size, size, device=precision.device))
-        return sample.numel() * (2 if keep is torch.bfloat16 else 4)
+        return map_bytes(prefix, size, precision.device, 2 if keep is torch.bfloat16 else 4)
 
     per_image = bytes_per_image(prep.image_size)
     val_bytes = len(val.encoded) * sum(bytes_per_image(size) for size in val_sizes)
