@@ -9,6 +9,7 @@ separately: it is one inference pass.
 Table 2: the offline profile's step (the last three stages on cached features, Proxy-Anchor
 loss, AdamW) in the settings `train` could run it in, each against fp32, eager, channels_last on
 every core: bf16 autocast with the depthwise convolutions in fp32 (`train.precision: bf16`;
+their weight gradient as `training/depthwise_grad.py` chooses, and with oneDNN's;
 emulated, and so not a candidate, on CPUs without AVX512-BF16 or AMX) and with them in bf16 too,
 contiguous tensors, `torch.compile` with its compile time spread over one
 food10 epoch of steps (`train.compile`), and one thread.
@@ -26,12 +27,14 @@ import torch
 from _common import Row, food10_files, print_table
 from PIL import Image
 
+from siamese_cv.core.allocator import keep_freed_memory
 from siamese_cv.data.images import resize_image
 from siamese_cv.inference.embedder import to_tensor
 from siamese_cv.inference.hardware import cpu_has_fast_bf16
 from siamese_cv.models.backbones import get_backbone_spec
 from siamese_cv.models.siamese import EmbeddingNet, Preprocessing
 from siamese_cv.training.depthwise import keep_depthwise_fp32
+from siamese_cv.training.depthwise_grad import onednn_weight_grad
 from siamese_cv.training.losses import build_loss
 
 
@@ -72,6 +75,7 @@ def main() -> None:
         "--epoch-steps", type=int, default=56, help="steps an epoch, to spread compile time over"
     )
     args = parser.parse_args()
+    keep_freed_memory()  # as the train stage does
     steps = 2 if args.quick else 4
     prep = Preprocessing(244, "stretch", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     files = food10_files(args.batch)
@@ -176,6 +180,13 @@ def step_settings(state, images, labels, steps: int, epoch_steps: int, bf16: boo
         emulated,
     )
     if bf16:
+        with onednn_weight_grad():
+            before = profile_step(copy.deepcopy(rest), last, labels, True, steps)[1]
+        row("bf16 autocast, depthwise in fp32 with oneDNN's weight gradient", before)
+        notes.append(
+            f"depthwise weight gradient: the compiled tap sum's step {emulated:.3f} s against "
+            f"{before:.3f} s with oneDNN's: {before / emulated:.2f}x"
+        )
         _, plain = profile_parts(state, depthwise_fp32=False)
         row("bf16 autocast, depthwise too", profile_step(plain, last, labels, True, steps)[1])
     contiguous = copy.deepcopy(rest).to(memory_format=torch.contiguous_format)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from siamese_cv.inference.onnx_export import CACHE_ENV
+from siamese_cv.core.cache import CACHE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 FOOD10 = Path(os.environ.get("SIAMESE_CV_FOOD10", ROOT.parent / "shared" / "datasets" / "food10"))

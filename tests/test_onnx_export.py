@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_inputs import noise_photos, tiny_net
 
+from siamese_cv.core.cache import CACHE_ENV
 from siamese_cv.inference import onnx_export
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import resolve_precision
@@ -20,7 +21,7 @@ FP32 = resolve_precision("fp32", torch.device("cpu"))
 
 @pytest.fixture
 def cache(monkeypatch, tmp_path):
-    monkeypatch.setenv(onnx_export.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     calls = []
     real = onnx_export._export
     monkeypatch.setattr(onnx_export, "_export", lambda *a: calls.append(a) or real(*a))
@@ -88,7 +89,7 @@ def test_a_cache_that_cannot_be_written_still_exports(cache, monkeypatch, tmp_pa
     _, exports = cache
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the cache directory would go")
-    monkeypatch.setenv(onnx_export.CACHE_ENV, str(blocker))
+    monkeypatch.setenv(CACHE_ENV, str(blocker))
     model = tiny_net()
     out = Embedder(model, PREP, FP32, engine="onnxruntime").embed_encoded(noise_photos())
     np.testing.assert_allclose(
@@ -100,7 +101,7 @@ def test_a_cache_that_cannot_be_written_still_exports(cache, monkeypatch, tmp_pa
 
 def test_without_a_home_directory_nothing_is_cached_but_the_engine_runs(cache, monkeypatch):
     _, exports = cache
-    for name in (onnx_export.CACHE_ENV, "XDG_CACHE_HOME", "HOME"):
+    for name in (CACHE_ENV, "XDG_CACHE_HOME", "HOME"):
         monkeypatch.delenv(name, raising=False)
 
     def no_home():
@@ -118,6 +119,6 @@ def test_without_a_home_directory_nothing_is_cached_but_the_engine_runs(cache, m
 
 
 def test_the_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
-    monkeypatch.delenv(onnx_export.CACHE_ENV, raising=False)
+    monkeypatch.delenv(CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert onnx_export.cache_dir() == tmp_path / "siamese-cv" / "onnx"

@@ -8,6 +8,7 @@ import torch
 from tiny_inputs import noise_photos, tiny_net
 from torch.nn import functional as F
 
+from siamese_cv.core.cache import CACHE_ENV
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import resolve_precision
 from siamese_cv.models.ensemble import Ensemble, MultiScale, Resized, at_sizes, resize
@@ -87,9 +88,8 @@ def test_the_embedder_embeds_stored_photos_at_the_inference_sizes():
 
 def test_onnxruntime_runs_the_same_resizing_graph_as_torch(monkeypatch, tmp_path):
     pytest.importorskip("onnxruntime")
-    from siamese_cv.inference import onnx_export
 
-    monkeypatch.setenv(onnx_export.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     model, encoded = tiny_net(), noise_photos()
     for sizes in [(48,), (32, 48), (24, 40)]:
         prep = replace(PREP, input_sizes=sizes)

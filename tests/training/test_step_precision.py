@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import torch
 
+from siamese_cv.core.cache import CACHE_ENV
 from siamese_cv.inference.hardware import resolve_precision
 from siamese_cv.training import step_precision
 from siamese_cv.training.step_precision import MIN_GAIN, TIMED_STEPS, choose_precision
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """No verdict of an earlier test (or run) is found."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    return tmp_path
 
 
 class Recorder(torch.nn.Module):
@@ -82,3 +91,36 @@ def test_bf16_is_kept_only_when_clearly_faster(monkeypatch, fp32_s, bf16_s, kept
     monkeypatch.setattr(step_precision, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(step_precision, "step_seconds", lambda *_: [fp32_s, bf16_s])
     assert choose_precision("auto", CPU, _probe(Recorder()), "train").name == kept
+
+
+def test_a_verdict_is_reused_until_what_it_timed_changes(monkeypatch, caplog, own_cache) -> None:
+    monkeypatch.setattr(step_precision, "cpu_has_fast_bf16", lambda: True)
+    timings = iter([[1.0, 0.5], [1.0, 0.95]])
+    timed: list[int] = []
+
+    def fake_seconds(net, batch, precisions):
+        timed.append(len(timed))
+        return next(timings)
+
+    monkeypatch.setattr(step_precision, "step_seconds", fake_seconds)
+    with caplog.at_level(logging.INFO):
+        assert choose_precision("auto", CPU, _probe(Recorder()), "train").name == "bf16"
+        assert "timed now" in caplog.text
+        caplog.clear()
+        # the same trained part and batch: the kept verdict, untimed
+        assert choose_precision("auto", CPU, _probe(Recorder()), "train").name == "bf16"
+        assert "timed on this machine before" in caplog.text and len(timed) == 1
+        wider = Recorder()
+        wider.conv = torch.nn.Conv2d(8, 32, 3, padding=1)
+        wider.bn = torch.nn.BatchNorm2d(32)
+        assert choose_precision("auto", CPU, _probe(wider), "train").name == "fp32"
+    assert len(timed) == 2  # another network is timed anew
+    assert len(json.loads((own_cache / step_precision.VERDICTS).read_text())) == 2
+
+
+def test_an_unreadable_verdict_file_is_timed_again(monkeypatch, own_cache) -> None:
+    monkeypatch.setattr(step_precision, "cpu_has_fast_bf16", lambda: True)
+    (own_cache / step_precision.VERDICTS).write_text("{not json")
+    monkeypatch.setattr(step_precision, "step_seconds", lambda *_: [1.0, 0.5])
+    assert choose_precision("auto", CPU, _probe(Recorder()), "train").name == "bf16"
+    assert len(json.loads((own_cache / step_precision.VERDICTS).read_text())) == 1

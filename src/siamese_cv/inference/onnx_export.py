@@ -28,23 +28,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from siamese_cv.core.cache import cache_root
 from siamese_cv.core.errors import UserError
 
-CACHE_ENV = "SIAMESE_CV_CACHE"
 KEEP = 8  # exports kept; a Lite2 export is about 25 MB, a ResNet-50 one about 100 MB
 
 
 def cache_dir() -> Path | None:
     """Where exports are kept; None when no directory can be named (then nothing is cached)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]) / "onnx"
-    base = os.environ.get("XDG_CACHE_HOME")
-    if not base:
-        try:
-            base = str(Path.home() / ".cache")
-        except RuntimeError:  # no $HOME and no passwd entry for this user (some containers)
-            return None
-    return Path(base) / "siamese-cv" / "onnx"
+    root = cache_root()
+    return None if root is None else root / "onnx"
 
 
 def export_key(model: nn.Module, image_size: int | tuple[int, ...]) -> str:

@@ -7,7 +7,7 @@ bf16 training step of an MBConv network is fastest with its depthwise convolutio
 (benchmarks/bench_train.py). Only trained convolutions are switched: a frozen one computes no
 weight gradient, so bf16 stays its faster forward. The swap changes the modules' class, not their
 parameters, so state dicts, copies and the moving average are untouched; outside CPU autocast it
-does nothing.
+does nothing. Their weight gradient is computed as depthwise_grad.py chooses.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from timm.layers import Conv2dSame, pad_same
 from torch import nn
+
+from siamese_cv.training.depthwise_grad import depthwise_conv
 
 
 class _Fp32UnderCpuAutocast:
@@ -24,8 +27,14 @@ class _Fp32UnderCpuAutocast:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
             return super().forward(x)  # type: ignore[misc]
+        conv: nn.Conv2d = self  # type: ignore[assignment]
         with torch.autocast("cpu", enabled=False):
-            return super().forward(x.float())  # type: ignore[misc]
+            x, padding = x.float(), conv.padding
+            if isinstance(padding, str) or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+                return super().forward(x)  # type: ignore[misc]
+            if isinstance(conv, Conv2dSame):
+                x, padding = pad_same(x, conv.weight.shape[-2:], conv.stride), (0, 0)
+            return depthwise_conv(x, conv.weight, conv.bias, conv.stride, padding)
 
 
 @functools.cache

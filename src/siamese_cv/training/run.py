@@ -18,6 +18,7 @@ import torch
 from siamese_cv import __version__
 from siamese_cv.config.params import Params, every_inference_size, member_sizes, parse_freeze
 from siamese_cv.core import paths
+from siamese_cv.core.allocator import keep_freed_memory
 from siamese_cv.core.errors import UserError
 from siamese_cv.data.triplet_tables import read_schedule, read_triplets
 from siamese_cv.inference.embedder import decode_batch
@@ -77,6 +78,7 @@ def train_and_save(
         The config (written by rank 0), including the per-epoch history and the best epoch.
     """
     tp = params.train
+    keep_freed_memory()  # each step reuses the last step's activation memory (core/allocator.py)
     sizes = member_sizes(params)
     steps, are_triplets = read_schedule(paths.TRIPLETS, tp.batch_size)
     if len(steps) < tp.sampled_epochs:
