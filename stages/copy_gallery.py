@@ -2,7 +2,9 @@
 copies -> data/copies/ (data/gallery's layout; meta.json holds the rule and how it was chosen).
 
 The descriptor is the frozen pretrained backbone, so an edit of a training parameter does not
-rerun this stage; search and evaluate read it beside data/gallery (`retrieval/copies.py`).
+rerun this stage; search and evaluate read it beside data/gallery (`retrieval/copies.py`). It
+also describes evaluate's copy-detection queries, the edited copies and the test photos, once
+(`evaluation/copy_queries.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from collections.abc import Sequence
 
 from siamese_cv.config.stage import run_stage, stage_params
 from siamese_cv.core import paths
+from siamese_cv.data.parquet import read_table
 from siamese_cv.evaluation.copy_calibration import calibrate_margin
+from siamese_cv.evaluation.copy_detection import copy_queries
+from siamese_cv.evaluation.copy_queries import (
+    META_KEY,
+    describe_queries,
+    gallery_images,
+    queries_about,
+    query_arrays,
+)
 from siamese_cv.inference.prefix_maps import from_maps_or_images, frozen_tail_embedder, ids_digest
 from siamese_cv.retrieval.copies import CopyRule, copy_embedder, write_copy_gallery
 from siamese_cv.retrieval.gallery_export import embed_splits_in_order, gallery_rows
@@ -67,7 +78,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rule": rule.to_dict(),
         "calibration": chosen,
     }
-    write_copy_gallery(paths.COPIES, rows, vectors, meta)
+    arrays = {}
+    test = paths.PROCESSED / "test.parquet"
+    copies = copy_queries(
+        gallery_images(rows.ids, rows.splits), params.copies.queries, params.copies.seed
+    )
+    if copies and test.is_file():
+        test_ids = ids_digest(read_table(test, ["id"]).column("id").to_pylist())
+        meta[META_KEY] = queries_about(rows.ids, test_ids, params.copies)
+        arrays = query_arrays(
+            *describe_queries(copies, meta[META_KEY], tail, lambda: embedder, STAGE)
+        )
+    write_copy_gallery(paths.COPIES, rows, vectors, meta, arrays)
     found = (
         f"; on validation it flagged {chosen['flagged_right']:.1%} of {chosen['copies']} copies "
         f"rightly and {chosen['false_flags']:.1%} of {chosen['photos_without_copy']} photos "

@@ -22,6 +22,8 @@ from siamese_cv.core.errors import UserError
 from siamese_cv.data.parquet import read_table
 from siamese_cv.evaluation import scoring
 from siamese_cv.evaluation.copy_detection import copy_detection_metrics, copy_queries, embed_copies
+from siamese_cv.evaluation.copy_queries import describe_queries, queries_about, stored_queries
+from siamese_cv.evaluation.copy_queries import gallery_images as gallery_images_of
 from siamese_cv.evaluation.report import write_figures
 from siamese_cv.inference.embedder import Embedder
 from siamese_cv.inference.hardware import resolve_device, resolve_precision
@@ -69,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scores = scoring.score_embeddings(
         test_emb, test, gallery.vectors, gallery.labels, params.evaluate.recall_at
     )
-    gallery_images = _gallery_images(gallery)
+    gallery_images = gallery_images_of(gallery.ids, gallery.splits)
     found = _copy_search(params, embedder, tail, gallery, gallery_images, test_emb, test_ids)
     figures = scoring.write_scores(scores, paths.TEST_METRICS, found)
     test_images = (
@@ -121,25 +123,9 @@ def _copy_search(
         tail, "copies", about, STAGE, lambda: embed_copies(embedder(), copies, f"{STAGE}: copies")
     )
     similar_first = top_k(gallery.vectors, trained, 1)[0][:, 0]
-    network, prep, precision, engine = copy_descriptor_of(copy_gallery, paths.PRETRAINED)
-    batch = params.evaluate.batch_size
-    name = f"{STAGE}: copy descriptor"
-    frozen = frozen_tail_embedder(paths.PREFIX_MAPS, network, prep, precision, batch, engine, name)
-
-    @functools.cache
-    def describer() -> Embedder:
-        return Embedder(network, prep, precision, batch, engine=engine)
-
-    described = from_maps_or_images(
-        frozen, "copies", about, name, lambda: embed_copies(describer(), copies, f"{name}: copies")
-    )
-    distractors = from_maps_or_images(
-        frozen,
-        "test",
-        {"ids": test_ids},
-        name,
-        lambda: describer().embed_parquet(paths.PROCESSED / "test.parquet", f"{name}: test"),
-    )
+    queries = queries_about(gallery.ids, test_ids, params.copies)
+    stored = stored_queries(paths.COPIES, copy_gallery.meta, queries)
+    described, distractors = stored or _describe_queries(params, copy_gallery, copies, queries)
     alone = copy_detection_metrics(trained, sources, edits, test_emb, gallery.vectors)
     found = copy_detection_metrics(
         described,
@@ -159,15 +145,18 @@ def _copy_search(
     return found
 
 
-def _gallery_images(gallery) -> list[bytes]:
-    """The processed images of the gallery's rows, in gallery order."""
-    images: dict[str, bytes] = {}
-    for split in dict.fromkeys(gallery.splits):
-        table = read_table(paths.PROCESSED / f"{split}.parquet", ["id", "image"])
-        images.update(
-            zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True)
-        )
-    return [images[i] for i in gallery.ids]
+def _describe_queries(params, copy_gallery, copies, queries: dict):
+    """The copy descriptor's vectors of the queries, embedded here (copy_gallery stored none)."""
+    network, prep, precision, engine = copy_descriptor_of(copy_gallery, paths.PRETRAINED)
+    batch = params.evaluate.batch_size
+    name = f"{STAGE}: copy descriptor"
+    frozen = frozen_tail_embedder(paths.PREFIX_MAPS, network, prep, precision, batch, engine, name)
+
+    @functools.cache
+    def describer() -> Embedder:
+        return Embedder(network, prep, precision, batch, engine=engine)
+
+    return describe_queries(copies, queries, frozen, describer, name)
 
 
 if __name__ == "__main__":

@@ -143,10 +143,38 @@ def test_a_train_lr_edit_embeds_from_the_stored_maps(project):
         for stage in ("export_gallery", "evaluate"):
             assert f"{stage}: the frozen prefix's maps are stored in data/prefix_maps" in out
         assert "evaluate: copies: 48 photos from the stored prefix maps" in out
+        assert "evaluate: the copy queries' descriptors stored by copy_gallery" in out
+        assert "copy descriptor" not in out  # the frozen descriptor runs on nothing again
         assert "embedding the images" not in out
     finally:
         run(project, "git", "checkout", "params.yaml")
         run(project, "dvc", "checkout", "--force")
+
+
+def test_copy_gallery_stores_the_copy_queries_that_evaluate_would_embed(project):
+    """The frozen descriptor's vectors of the copies and test photos, stored once: evaluate
+    scores the same from them as from embedding them itself."""
+    meta_path = project / "data/copies/meta.json"
+    meta = json.loads(meta_path.read_text())
+    about = meta["test_queries"]
+    assert about["queries"] == 4 and set(about) == {"gallery_ids", "test_ids", "queries", "seed"}
+    copies = np.load(project / "data/copies/test_copies.npy", allow_pickle=False)
+    photos = np.load(project / "data/copies/test_photos.npy", allow_pickle=False)
+    assert copies.shape == (4 * 12, meta["dim"]) and photos.shape == (9, meta["dim"])
+    assert np.allclose(np.linalg.norm(copies, axis=1), 1, atol=1e-5)
+    stored = json.loads((project / "metrics/test.json").read_text())
+    try:
+        meta_path.chmod(0o644)
+        meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "test_queries"}))
+        result = run(project, "python", "stages/evaluate.py")
+        embedded = json.loads((project / "metrics/test.json").read_text())
+    finally:
+        run(project, "dvc", "checkout", "--force")
+    out = result.stdout + result.stderr
+    assert "evaluate: embedding the copy queries with the copy descriptor (none stored)" in out
+    assert "evaluate: copy descriptor: copies: 48 photos from the stored prefix maps" in out
+    assert embedded == pytest.approx(stored)
+    assert embedded["copy_r@1"] == stored["copy_r@1"]
 
 
 def test_a_model_with_another_prefix_embeds_the_images(project):

@@ -173,12 +173,21 @@ def copy_embedder_of(
     return Embedder(model, prep, precision, batch_size, engine=engine or made_with)
 
 
-def write_copy_gallery(directory: Path, rows: Any, vectors: np.ndarray, meta: dict) -> None:
-    """Write data/copies in data/gallery's layout (`rows`: a `Gallery` for ids and labels)."""
+def write_copy_gallery(
+    directory: Path,
+    rows: Any,
+    vectors: np.ndarray,
+    meta: dict,
+    arrays: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Write data/copies in data/gallery's layout (`rows`: a `Gallery` for ids and labels), with
+    `arrays` beside it (the evaluation's queries: evaluation/copy_queries.py)."""
     from siamese_cv.retrieval.gallery import gallery_table, write_gallery
 
     table = gallery_table(rows.ids, rows.splits, rows.labels, rows.label_names, vectors)
-    write_gallery(directory, table, {**meta, "count": len(vectors), "dim": vectors.shape[1]})
+    write_gallery(
+        directory, table, {**meta, "count": len(vectors), "dim": vectors.shape[1]}, arrays
+    )
 
 
 def load_copy_gallery(directory: Path, gallery_ids: list[str]) -> CopyGallery | None:

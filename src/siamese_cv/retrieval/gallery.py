@@ -48,10 +48,18 @@ def gallery_table(ids, splits, labels, label_names, vectors: np.ndarray) -> pa.T
     )
 
 
-def write_gallery(directory: Path, table: pa.Table, meta: dict[str, Any]) -> None:
-    """Write embeddings.parquet and meta.json into `directory`, replacing it atomically."""
+def write_gallery(
+    directory: Path,
+    table: pa.Table,
+    meta: dict[str, Any],
+    arrays: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Write embeddings.parquet and meta.json (and `arrays`, as .npy files by name) into
+    `directory`, replacing it atomically."""
     with atomic_path(directory) as tmp:
         tmp.mkdir()
+        for name, array in (arrays or {}).items():
+            np.save(tmp / name, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
         pq.write_table(
             table, tmp / EMBEDDINGS, compression="zstd", row_group_size=GALLERY_ROW_GROUP
         )
