@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 # a frozen prefix, two members at their own sizes, fp32 so both paths compute alike
 FROZEN = {
     "train.freeze": "1", "train.members": "2", "model.inference_sizes": "[[64], [96]]",
-    "evaluate.precision": "fp32", "export.precision": "fp32",
+    "evaluate.precision": "fp32", "export.precision": "fp32", "copies.whitening": "4",
 }  # fmt: skip
 # every key the stage lists, each with a valid new value: each edit must rerun it
 MAP_EDITS = {
@@ -119,6 +119,9 @@ def test_each_stage_gives_from_the_maps_what_it_gives_from_the_images(project, t
     if vectors is None:
         assert from_images == pytest.approx(stored)
     else:
+        # copy_gallery's whitening is fitted on these vectors: its margin moves in the 7th digit
+        margins = [m.get("rule", {}).pop("margin", 0.0) for m in (from_images, stored)]
+        assert margins[0] == pytest.approx(margins[1], abs=1e-6)
         assert from_images == stored
         assert np.abs(again - vectors).max() < 1e-5
 
@@ -175,6 +178,25 @@ def test_copy_gallery_stores_the_copy_queries_that_evaluate_would_embed(project)
     assert "evaluate: copy descriptor: copies: 48 photos from the stored prefix maps" in out
     assert embedded == pytest.approx(stored)
     assert embedded["copy_r@1"] == stored["copy_r@1"]
+
+
+def test_copy_gallery_whitens_the_frozen_descriptor_fitted_on_the_gallery(project):
+    """copies.whitening 4 on the 18-photo gallery: the stored vectors are the unwhitened
+    descriptor of the images through the stored whitening, and search embeds queries alike."""
+    from siamese_cv.retrieval.copies import copy_embedder, copy_embedder_of, load_copy_gallery
+
+    gallery = load_gallery(project / "data/gallery")
+    copies = load_copy_gallery(project / "data/copies", gallery.ids)
+    assert copies.meta["whitening"] == {"dims": 4, "photos": len(gallery.ids), "shrinkage": 0.1}
+    assert copies.vectors.shape == (len(gallery.ids), 4) and copies.whitening.dims == 4
+    assert "PCA-whitened to 4 dims" in copies.rule.descriptor
+    prep = Preprocessing.from_dict(copies.meta["preprocessing"])
+    plain, _, _ = copy_embedder(project / "models/pretrained", prep, "torch", "fp32", 8)
+    train = project / "data/processed/train.parquet"
+    from_images = copies.whitening.apply(plain.embed_parquet(train))
+    assert (from_images * copies.vectors).sum(axis=1).min() > 0.99999
+    queries = copy_embedder_of(copies, project / "models/pretrained").embed_parquet(train)
+    assert (queries * copies.vectors).sum(axis=1).min() > 0.99999
 
 
 def test_a_model_with_another_prefix_embeds_the_images(project):

@@ -367,6 +367,12 @@ class CopiesParams(_Section):
         lt=1.0,
         description="margin auto: the share of validation photos with no copy that may be flagged",
     )
+    whitening: int = Field(
+        1024,
+        ge=0,
+        description="PCA-whiten the copy descriptor to this many dims, fitted on the gallery's "
+        "photos (it needs twice as many); 0: unwhitened",
+    )
 
 
 class Params(_Section):

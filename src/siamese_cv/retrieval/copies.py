@@ -6,6 +6,8 @@ question: the frozen pretrained backbone (models/pretrained), GeM-pooled over it
 map, which keeps the photo-level detail the class loss discards. The copy_gallery stage stores
 it for every gallery photo in data/copies/ (the layout of data/gallery) with the rule below.
 
+The descriptor is PCA-whitened on the gallery's own photos (`retrieval/whitening.py`).
+
 The rule (DISC21-style score normalisation): a gallery photo is a copy of the query when its
 copy score (cosine) beats the mean copy score of the query's next `BACKGROUND` photos by at
 least `margin`. An absolute cosine cannot decide it: a strongly edited copy scores below an
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from siamese_cv.core.errors import UserError
+
+if TYPE_CHECKING:
+    from siamese_cv.retrieval.whitening import Whitening
 
 BACKGROUND = 10  # neighbours after the best whose mean score a copy must beat
 
@@ -90,11 +95,13 @@ def choose_margin(background_lift: np.ndarray, false_flags: float) -> float:
     return float(np.nextafter(lifts[allowed], np.inf)) if allowed < len(lifts) else 0.0
 
 
-def copy_descriptor(pretrained: Path):
-    """The frozen pretrained backbone, GeM-pooled where its pooling can be swapped.
+def copy_descriptor(pretrained: Path, whitening: Whitening | None = None):
+    """The frozen pretrained backbone, GeM-pooled where its pooling can be swapped, with
+    `whitening` as its head when given.
 
     Returns:
-        (the module, the pretrained card, a name for people: backbone, weights and pooling).
+        (the module, the pretrained card, a name for people: backbone, weights, pooling and
+        whitening).
     """
     from siamese_cv.models.pretrained import load_pretrained
     from siamese_cv.models.siamese import EmbeddingNet
@@ -104,7 +111,11 @@ def copy_descriptor(pretrained: Path):
     if backbone.pool_attr is not None:
         backbone.set_pooling("gem")
     name = f"frozen {card['backbone']} ({card['weights']}), {pooling}"
-    return EmbeddingNet(backbone, "identity", backbone.feature_dim), card, name
+    net = EmbeddingNet(backbone, "identity", backbone.feature_dim)
+    if whitening is not None:
+        net.head, net.embedding_dim = whitening, whitening.dims
+        name += f", PCA-whitened to {whitening.dims} dims"
+    return net, card, name
 
 
 @dataclass
@@ -114,27 +125,37 @@ class CopyGallery:
     vectors: np.ndarray  # float32 [n, dim], unit rows
     rule: CopyRule
     meta: dict[str, Any]
+    whitening: Whitening | None = None  # the descriptor's head, fitted on this gallery
 
 
-def copy_embedder(pretrained: Path, size: Any, engine: str, precision: str, batch_size: int):
+def copy_embedder(
+    pretrained: Path,
+    size: Any,
+    engine: str,
+    precision: str,
+    batch_size: int,
+    whitening: Whitening | None = None,
+):
     """The copy descriptor's `Embedder`: (embedder, pretrained card, descriptor name).
 
     Args:
         size: what gives the input size and resize (`preprocess` params or a `Preprocessing`).
         engine, precision: as export.engine and export.precision (or a gallery's record).
+        whitening: the descriptor's head (`retrieval/whitening.py`); None embeds unwhitened.
     """
     from siamese_cv.inference.embedder import Embedder
 
-    model, card, name, prep, resolved = _descriptor(pretrained, size, precision)
+    model, card, name, prep, resolved = copy_network(pretrained, size, precision, whitening)
     return Embedder(model, prep, resolved, batch_size, engine=engine), card, name
 
 
-def _descriptor(pretrained: Path, size: Any, precision: str):
-    """(network, pretrained card, name, its `Preprocessing`, its resolved `Precision`)."""
+def copy_network(pretrained: Path, size: Any, precision: str, whitening: Whitening | None = None):
+    """The copy descriptor and how it embeds: (network, pretrained card, name, its
+    `Preprocessing`, its resolved `Precision`); arguments as `copy_embedder`'s."""
     from siamese_cv.inference.hardware import resolve_device, resolve_precision
     from siamese_cv.models.pretrained import preprocessing_of
 
-    model, card, name = copy_descriptor(pretrained)
+    model, card, name = copy_descriptor(pretrained, whitening)
     resolved = resolve_precision(precision, resolve_device("auto"))
     return model, card, name, preprocessing_of(size, card), resolved
 
@@ -150,7 +171,9 @@ def copy_descriptor_of(copies: CopyGallery, pretrained: Path):
 
     meta = copies.meta
     prep = Preprocessing.from_dict(meta["preprocessing"])
-    model, card, _, prep, resolved = _descriptor(pretrained, prep, meta["precision"])
+    model, card, _, prep, resolved = copy_network(
+        pretrained, prep, meta["precision"], copies.whitening
+    )
     if card["fingerprint"] != meta["pretrained_fingerprint"]:
         raise UserError(
             f"{pretrained} holds other weights than the copy gallery's; "
@@ -197,6 +220,7 @@ def load_copy_gallery(directory: Path, gallery_ids: list[str]) -> CopyGallery | 
         UserError: it describes another gallery's photos.
     """
     from siamese_cv.retrieval.gallery import EMBEDDINGS, load_gallery
+    from siamese_cv.retrieval.whitening import load_whitening
 
     if not (directory / EMBEDDINGS).is_file():
         return None
@@ -206,4 +230,9 @@ def load_copy_gallery(directory: Path, gallery_ids: list[str]) -> CopyGallery | 
             f"{directory} describes other photos than the gallery; run `dvc repro copy_gallery`"
         )
     rule = copies.meta["rule"]
-    return CopyGallery(copies.vectors, CopyRule(rule["margin"], rule["descriptor"]), copies.meta)
+    return CopyGallery(
+        copies.vectors,
+        CopyRule(rule["margin"], rule["descriptor"]),
+        copies.meta,
+        load_whitening(directory),
+    )
