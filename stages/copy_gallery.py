@@ -2,10 +2,10 @@
 copies -> data/copies/ (data/gallery's layout; meta.json holds the rule and how it was chosen).
 
 The descriptor is the frozen pretrained backbone, PCA-whitened on the gallery's own photos
-(`retrieval/whitening.py`; its arrays are stored beside the vectors), so an edit of a training parameter does not
-rerun this stage; search and evaluate read it beside data/gallery (`retrieval/copies.py`). It
-also describes evaluate's copy-detection queries, the edited copies and the test photos, once
-(`evaluation/copy_queries.py`).
+(`retrieval/whitening.py`; its arrays are stored beside the vectors), so an edit of a training
+parameter does not rerun this stage; search and evaluate read it beside data/gallery
+(`retrieval/copies.py`). It also describes evaluate's copy-detection queries, the edited
+copies and the test photos, once (`evaluation/copy_queries.py`).
 """
 
 from __future__ import annotations

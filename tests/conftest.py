@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -42,6 +43,11 @@ def make_folder(tmp_path: Path):
         return root
 
     return build
+
+
+def unit_rows(rows: np.ndarray) -> np.ndarray:
+    """`rows` scaled to length 1, float32: descriptors as the embedder returns them."""
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
 
 def solid_image(color: tuple[int, int, int], size: tuple[int, int] = (32, 32)) -> Image.Image:

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import food10_photos
+from conftest import food10_photos, unit_rows
 
 from siamese_cv.config.params import ModelParams, PreprocessParams
 from siamese_cv.core.errors import UserError
@@ -22,17 +22,13 @@ from siamese_cv.retrieval.copies import (
 )
 
 
-def _unit(rows: np.ndarray) -> np.ndarray:
-    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
-
-
 def test_a_copy_stands_out_from_its_neighbours_and_a_photo_that_is_there_twice_is_flagged_twice():
     rng = np.random.default_rng(0)
-    gallery = _unit(rng.normal(size=(40, 32)))
+    gallery = unit_rows(rng.normal(size=(40, 32)))
     gallery[7] = gallery[3]  # photo 3 is in the gallery twice
     rule = CopyRule(0.3, "test vectors")
-    copies = _unit(gallery[[3, 20]] + 0.05 * rng.normal(size=(2, 32)))
-    unrelated = _unit(rng.normal(size=(1, 32)))
+    copies = unit_rows(gallery[[3, 20]] + 0.05 * rng.normal(size=(2, 32)))
+    unrelated = unit_rows(rng.normal(size=(1, 32)))
     found = find_copies(np.concatenate([copies, unrelated]), gallery, rule)
     assert sorted(row for row, _ in found[0]) == [3, 7]
     assert [row for row, _ in found[1]] == [20] and found[1][0][1] > 0.9
@@ -47,9 +43,9 @@ def test_a_whole_class_close_together_is_not_flagged():
     """Twelve near-identical photos (one tight class): the best is not a copy of the query."""
     rng = np.random.default_rng(1)
     centre = rng.normal(size=32)
-    clump = _unit(centre + 0.1 * rng.normal(size=(12, 32)))
-    gallery = np.concatenate([clump, _unit(rng.normal(size=(20, 32)))])
-    query = _unit(centre + 0.1 * rng.normal(size=(1, 32)))
+    clump = unit_rows(centre + 0.1 * rng.normal(size=(12, 32)))
+    gallery = np.concatenate([clump, unit_rows(rng.normal(size=(20, 32)))])
+    query = unit_rows(centre + 0.1 * rng.normal(size=(1, 32)))
     assert (query @ clump.T).max() > 0.9  # as close as a copy by cosine alone
     assert find_copies(query, gallery, CopyRule(0.1, "test vectors")) == [[]]
 

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import torch
+from conftest import unit_rows
 
 from siamese_cv.retrieval.gallery import gallery_table, write_gallery
 from siamese_cv.retrieval.whitening import (
@@ -16,16 +17,12 @@ from siamese_cv.retrieval.whitening import (
 )
 
 
-def _unit(rows: np.ndarray) -> np.ndarray:
-    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
-
-
 def _photos(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
     """Descriptors that share one strong direction (what every photo has) plus detail."""
     rng = np.random.default_rng(seed)
     shared = np.zeros(dim)
     shared[0] = 5.0
-    return _unit(shared + rng.normal(size=(n, dim)) * np.linspace(2.0, 0.2, dim))
+    return unit_rows(shared + rng.normal(size=(n, dim)) * np.linspace(2.0, 0.2, dim))
 
 
 def test_whitened_gallery_has_equal_spread_in_every_kept_direction():
@@ -46,7 +43,7 @@ def test_a_near_copy_stands_further_above_other_photos_once_whitened():
     vectors = _photos(400)
     whitening = fit_whitening(vectors, 12, "test")
     rng = np.random.default_rng(1)
-    copy = _unit(vectors[5:6] + 0.05 * rng.normal(size=(1, vectors.shape[1])))
+    copy = unit_rows(vectors[5:6] + 0.05 * rng.normal(size=(1, vectors.shape[1])))
     before = (copy @ vectors.T)[0]
     after = (whitening.apply(copy) @ whitening.apply(vectors).T)[0]
     assert before.argmax() == after.argmax() == 5
